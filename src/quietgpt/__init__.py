@@ -1,0 +1,27 @@
+"""quietgpt: does softmax1 ("quiet attention") remove the outliers that make transformers hard to quantize?
+
+Import flow is one way: softmax <- attention <- model <- training / metrics / quant <- study / report <- cli.
+"""
+
+from .attention import VARIANTS, QuietAttention, attention, reference_attention, select_path
+from .errors import ConfigError, QuietError
+from .model import GPT, GPTConfig
+from .softmax import clipped_softmax, softmax1, softmax_n
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPT",
+    "VARIANTS",
+    "ConfigError",
+    "GPTConfig",
+    "QuietAttention",
+    "QuietError",
+    "__version__",
+    "attention",
+    "clipped_softmax",
+    "reference_attention",
+    "select_path",
+    "softmax1",
+    "softmax_n",
+]

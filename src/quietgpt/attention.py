@@ -1,0 +1,341 @@
+"""Causal multi-head attention with a choice of normaliser, tensors (B, H, T, D).
+
+Variants (VARIANTS):
+    softmax    ordinary softmax (the baseline)
+    softmax1   exp(s_i) / (1 + sum_j exp(s_j)): a head may put its weight on "nothing"
+    softmax_n  exp(s_i) / (n + sum_j exp(s_j)) for a fixed n >= 0
+    sink       softmax_n with n = exp(b_h), b_h a learned logit per head (gpt-oss ships this)
+    clipped    clip((zeta - gamma) softmax(s) + gamma, 0, 1)   (Bondarenko et al. 2023)
+    gated      softmax attention whose per-head output the model multiplies by a sigmoid gate
+
+Every variant has a *reference* path that materialises the T x T probabilities (the ground truth,
+and the only path that can show or quantize them). The fast paths never do:
+
+* softmax / gated: PyTorch's fused `scaled_dot_product_attention` (SDPA).
+* softmax1 / softmax_n / sink ("null-logit" variants), via the identity
+      softmax_n(S) V = softmax(S) V * sigmoid(LSE - log n),   LSE = logsumexp of the row's scores.
+  - "lse": a fused flash kernel that returns its LSE gives the forward. Its backward, handed the
+    adjusted LSE' = logaddexp(LSE, log n) and the adjusted output, recomputes exactly the softmax_n
+    probabilities exp(S - LSE') and so gives exact gradients (softmax_n's Jacobian has softmax's
+    form, P (dP - rowsum(P dP)), because n is a constant). The learned sink's gradient is added on top:
+        dL/db = -sum_rows p_null * rowsum(dO * O'),   p_null = exp(b - LSE').
+  - "prefix": when no LSE kernel fits (dropout > 0, or a device/dtype without one), SDPA over the keys
+    with one null key prepended whose logit is exactly log n and whose value is 0. It is exact, supports
+    dropout, and still never forms B x H x T x T scores (only a T x (T+1) boolean mask).
+* clipped: the clip breaks the identity above, so it always runs the reference path.
+
+`path="auto"` picks the fastest exact path; "fast" insists on one (clipped has none); "reference"
+forces the ground truth. The path that ran is logged at DEBUG level and kept in
+`QuietAttention.last_path`, never chosen silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .softmax import check_clip_params, clipped_softmax, log_n_of, softmax_with_null
+
+Tensor = torch.Tensor
+log = logging.getLogger(__name__)
+
+VARIANTS = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated")
+NULL_VARIANTS = ("softmax1", "softmax_n", "sink")  # the ones that can leave mass on "nothing"
+PATHS = ("auto", "fast", "reference")
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown attention variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+
+def check_path(path: str) -> None:
+    if path not in PATHS:
+        raise ConfigError(f"unknown attention path {path!r}; choose one of {', '.join(PATHS)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused kernels that return the row log-sum-exp.  forward -> (out, lse (B,H,T) fp32, aux);
+# backward(grad, q, k, v, out, lse, aux) -> (dq, dk, dv).
+
+
+class _CpuFlash:
+    name = "lse-flash-cpu"
+
+    @staticmethod
+    def supports(q: Tensor) -> bool:
+        return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+    @staticmethod
+    def forward(q, k, v, is_causal, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, scale=scale
+        )
+        return out, lse, ()
+
+    @staticmethod
+    def backward(g, q, k, v, out, lse, aux, is_causal, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k, v, out, lse, 0.0, is_causal, scale=scale
+        )
+
+
+class _CudaFlash:
+    # Flash attention on CUDA: half precision only, head dim a multiple of 8 up to 256.
+    name = "lse-flash-cuda"
+
+    @staticmethod
+    def supports(q: Tensor) -> bool:
+        return (
+            q.device.type == "cuda"
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256
+            and torch.backends.cuda.flash_sdp_enabled()
+        )
+
+    @staticmethod
+    def forward(q, k, v, is_causal, scale):
+        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, is_causal, False, scale=scale
+        )
+        return out, lse, (cq, ck, mq, mk, seed, offset)
+
+    @staticmethod
+    def backward(g, q, k, v, out, lse, aux, is_causal, scale):
+        cq, ck, mq, mk, seed, offset = aux
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            g, q, k, v, out, lse, cq, ck, mq, mk, 0.0, is_causal, seed, offset, scale=scale
+        )
+
+
+_KERNELS = (_CpuFlash, _CudaFlash)
+
+
+def lse_kernel_for(q: Tensor):
+    """The fused LSE kernel that can run `q`'s device and dtype, or None."""
+    for kern in _KERNELS:
+        if kern.supports(q):
+            return kern
+    return None
+
+
+class _NullLSEAttention(torch.autograd.Function):
+    """softmax_n attention from a fused kernel's output and LSE; exact forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_n, is_causal, scale, kern):
+        out, lse, aux = kern.forward(q, k, v, is_causal, scale)
+        ln = log_n.to(lse.dtype)
+        lse_adj = torch.logaddexp(lse, ln)
+        keep = torch.exp(lse - lse_adj)  # = sigmoid(LSE - log n) = mass kept on real tokens
+        out_adj = out * keep.unsqueeze(-1).to(out.dtype)
+        ctx.save_for_backward(q, k, v, out_adj, lse_adj, ln)
+        ctx.aux, ctx.is_causal, ctx.scale, ctx.kern = aux, is_causal, scale, kern
+        ctx.log_n_shape = log_n.shape
+        return out_adj
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out_adj, lse_adj, ln = ctx.saved_tensors
+        g = g.contiguous()
+        dq, dk, dv = ctx.kern.backward(g, q, k, v, out_adj, lse_adj, ctx.aux, ctx.is_causal, ctx.scale)
+        d_log_n = None
+        if ctx.needs_input_grad[3]:
+            p_null = torch.exp(ln - lse_adj)
+            row = (g.float() * out_adj.float()).sum(-1)
+            d_log_n = (-(p_null * row)).sum_to_size(ctx.log_n_shape)
+        return dq, dk, dv, d_log_n, None, None, None
+
+
+def _prefix_attention(q, k, v, log_n: Tensor, is_causal: bool, scale: float, dropout_p: float) -> Tensor:
+    """SDPA over [null key; keys] where the null key's logit is exactly log_n and its value is 0.
+
+    The null logit rides on an extra head dimension: q gets a constant 1, real keys a 0 and the null
+    key log_n / scale, so scale * q.k_null = log_n. Padding to a multiple of 8 keeps fused kernels usable.
+    """
+    B, H, T, D = q.shape
+    Tk = k.shape[2]
+    pad = 8
+    ln = (log_n.to(q.dtype) / scale).expand(B, H, 1).unsqueeze(-1)  # (B, H, 1, 1)
+    q_aug = torch.cat([q, q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, pad - 1)], dim=-1)
+    k_null = torch.cat([k.new_zeros(B, H, 1, D), ln, k.new_zeros(B, H, 1, pad - 1)], dim=-1)
+    k_aug = torch.cat([k_null, torch.cat([k, k.new_zeros(B, H, Tk, pad)], dim=-1)], dim=2)
+    v_aug = torch.cat([v.new_zeros(B, H, 1, v.shape[-1]), v], dim=2)
+    mask = None
+    if is_causal:
+        mask = torch.ones(T, Tk + 1, dtype=torch.bool, device=q.device).tril(diagonal=1)
+        mask[:, 0] = True
+    return F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def _probabilities(scores: Tensor, variant: str, log_n, gamma: float, zeta: float) -> Tensor:
+    """Row-normalised attention weights for the reference path (scores fp32/fp64, masked with -inf)."""
+    if variant in NULL_VARIANTS:
+        return softmax_with_null(scores, log_n)
+    if variant == "clipped":
+        return clipped_softmax(scores, gamma, zeta)
+    return torch.softmax(scores, dim=-1)
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    variant: str,
+    *,
+    is_causal: bool = True,
+    log_n: Tensor | float | None = None,
+    gamma: float = -0.03,
+    zeta: float = 1.0,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    probs_hook: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The ground truth: materialise scores and probabilities in fp32 (fp64 for fp64 inputs).
+
+    `probs_hook`, if given, sees (and may replace) the (B, H, T, T) probabilities before dropout.
+    """
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(cd) @ k.to(cd).transpose(-2, -1)) * scale
+    if is_causal:
+        T, Tk = q.shape[-2], k.shape[-2]
+        keep = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if isinstance(log_n, Tensor):
+        log_n = log_n.unsqueeze(-1)  # (H, 1) per-row logits -> (H, 1, 1) against (B, H, T, Tk) scores
+    probs = _probabilities(scores, variant, log_n, gamma, zeta)
+    if probs_hook is not None:
+        probs = probs_hook(probs)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    return (probs @ v.to(cd)).to(q.dtype)
+
+
+def select_path(variant: str, path: str, q: Tensor, dropout_p: float = 0.0, need_probs: bool = False) -> str:
+    """Name of the path `attention` will run: "reference", "sdpa", "lse-flash-cpu", "lse-flash-cuda" or
+    "prefix". Raises ConfigError when `path="fast"` is asked of something that has no fast path."""
+    check_variant(variant)
+    check_path(path)
+    if path == "reference" or need_probs or variant == "clipped":
+        if path == "fast":
+            why = "clipped softmax has no fused form" if variant == "clipped" else "probabilities are observed"
+            raise ConfigError(f"attention path 'fast' is not possible here ({why}); use path='auto'")
+        return "reference"
+    if variant in ("softmax", "gated"):
+        return "sdpa"
+    kern = lse_kernel_for(q)
+    if kern is not None and dropout_p == 0.0:
+        return kern.name
+    return "prefix"
+
+
+def null_log_n(variant: str, n: float = 1.0, sink_logit: Tensor | None = None) -> Tensor | float | None:
+    """The null entry's logit for `variant`: 0 for softmax1, log n for softmax_n, b_h (as (H, 1) so it
+    broadcasts over (B, H, T)) for sink, None for variants without one."""
+    if variant == "softmax1":
+        return 0.0
+    if variant == "softmax_n":
+        return log_n_of(n)
+    if variant == "sink":
+        if sink_logit is None:
+            raise ConfigError("attention variant 'sink' needs sink_logit, a tensor of one logit per head")
+        return sink_logit.reshape(-1, 1)
+    return None
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    variant: str = "softmax1",
+    *,
+    is_causal: bool = True,
+    n: float = 1.0,
+    sink_logit: Tensor | None = None,
+    gamma: float = -0.03,
+    zeta: float = 1.0,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    path: str = "auto",
+    gate: Tensor | None = None,
+    probs_hook: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Multi-head attention with the chosen normaliser. q (B, H, T, D), k (B, H, Tk, D),
+    v (B, H, Tk, Dv) -> (B, H, T, Dv) in q's dtype. Causal attention needs T == Tk.
+
+    `dropout_p` is applied to the attention weights (pass 0 in eval mode). `gate` (B, H, T, 1), used by
+    the "gated" variant, multiplies each head's output. `probs_hook` forces the reference path.
+    """
+    out, _ = _attention(q, k, v, variant, is_causal=is_causal, n=n, sink_logit=sink_logit, gamma=gamma,
+                        zeta=zeta, dropout_p=dropout_p, scale=scale, path=path, gate=gate,
+                        probs_hook=probs_hook)
+    return out
+
+
+def _attention(q, k, v, variant, *, is_causal, n, sink_logit, gamma, zeta, dropout_p, scale, path, gate,
+               probs_hook) -> tuple[Tensor, str]:
+    if is_causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[-2]} and {k.shape[-2]}")
+    if variant == "clipped":
+        check_clip_params(gamma, zeta)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    log_n = null_log_n(variant, n, sink_logit)
+    if variant == "softmax_n" and log_n == -math.inf:
+        variant = "softmax"  # n = 0 is ordinary softmax, and SDPA is its fast path
+    chosen = select_path(variant, path, q, dropout_p, need_probs=probs_hook is not None)
+    if chosen == "reference":
+        out = reference_attention(q, k, v, variant, is_causal=is_causal, log_n=log_n, gamma=gamma, zeta=zeta,
+                                  dropout_p=dropout_p, scale=scale, probs_hook=probs_hook)
+    elif chosen == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    else:
+        ln = log_n if isinstance(log_n, Tensor) else torch.tensor(log_n, dtype=torch.float32, device=q.device)
+        if chosen == "prefix":
+            out = _prefix_attention(q, k, v, ln, is_causal, scale, dropout_p)
+        else:
+            out = _NullLSEAttention.apply(q, k, v, ln, is_causal, scale, lse_kernel_for(q))
+    if gate is not None:
+        out = out * gate.to(out.dtype)
+    return out, chosen
+
+
+class QuietAttention(nn.Module):
+    """The attention core as a module: holds the learned sink logits (variant "sink"), an observation
+    tap for the probabilities (`tap_probs`, an nn.Identity: hooks on it see (B, H, T, T) weights and
+    force the reference path under path="auto"), and `last_path`, the path the last forward ran."""
+
+    def __init__(self, n_head: int, variant: str = "softmax1", *, n: float = 1.0, gamma: float = -0.03,
+                 zeta: float = 1.0, dropout: float = 0.0, path: str = "auto", sink_init: float = 0.0):
+        super().__init__()
+        check_variant(variant)
+        check_path(path)
+        self.variant, self.n, self.gamma, self.zeta = variant, n, gamma, zeta
+        self.dropout, self.path = dropout, path
+        # b_h = 0 starts the sink exactly at softmax1; training moves it per head.
+        self.sink_logit = nn.Parameter(torch.full((n_head,), float(sink_init))) if variant == "sink" else None
+        self.tap_probs = nn.Identity()
+        self.last_path: str | None = None
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None = None) -> Tensor:
+        observed = bool(self.tap_probs._forward_hooks or self.tap_probs._forward_pre_hooks)
+        out, chosen = _attention(
+            q, k, v, self.variant, is_causal=True, n=self.n, sink_logit=self.sink_logit, gamma=self.gamma,
+            zeta=self.zeta, dropout_p=self.dropout if self.training else 0.0, scale=None,
+            path=self.path, gate=gate, probs_hook=self.tap_probs if observed else None,
+        )
+        if chosen != self.last_path:
+            log.debug("attention %s: running the %s path", self.variant, chosen)
+            self.last_path = chosen
+        return out
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant}, path={self.path}"

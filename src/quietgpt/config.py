@@ -1,0 +1,205 @@
+"""Typed run configuration: model, data and training sections, loadable from TOML presets.
+
+A run config is three dataclasses, each with defaults. Sources are layered: dataclass defaults, then a
+preset or user TOML file (sections [model], [data], [train]), then command-line overrides
+("train.max_iters=100"). Unknown sections or keys and values of the wrong type are ConfigErrors naming
+the key, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+from .errors import ConfigError
+from .model import GPTConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" (the embedded task), "shakespeare_char", a path to a UTF-8 .txt file or a folder of
+    # them, or "hf:NAME[:CONFIG]" for a Hugging Face dataset (needs the hf extra).
+    source: str = "synthetic"
+    tokenizer: str = "auto"  # auto | char | byte | gpt2 (auto: the synthetic task's own, else char)
+    val_fraction: float = 0.1
+    cache_dir: str = ""  # where prepared .bin files live; "" = the user cache dir
+    synthetic_tokens: int = 1_000_000  # length of the embedded corpus, in tokens
+    synthetic_seed: int = 1234  # the corpus is a pure function of this seed
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if self.tokenizer not in ("auto", "char", "byte", "gpt2"):
+            raise ConfigError(f"data.tokenizer {self.tokenizer!r} is unknown; choose auto, char, byte or gpt2")
+        if self.synthetic_tokens < 10_000:
+            raise ConfigError(f"data.synthetic_tokens must be >= 10000, got {self.synthetic_tokens!r}")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out"
+    seed: int = 1337
+    device: str = "cpu"  # cpu | cuda | mps | auto
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on CUDA if supported, else fp32)
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    batch_size: int = 12
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    decay_lr: bool = True
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    always_save_checkpoint: bool = True
+    nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
+    max_nonfinite_skips: int = 10
+    backend: str = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "quietgpt"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
+                     "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.device not in ("cpu", "cuda", "mps", "auto") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"train.device {self.device!r} is unknown; choose cpu, cuda, cuda:N, mps or auto")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"train.dtype {self.dtype!r} is unknown; choose auto, float32, bfloat16 or float16")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError(f"train.backend must be auto, gloo or nccl, got {self.backend!r}")
+        if self.learning_rate <= 0 or self.min_lr < 0:
+            raise ConfigError("train.learning_rate must be > 0 and train.min_lr >= 0")
+
+
+@dataclass
+class RunConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        """Build from nested dicts (a config.json or TOML); unknown sections or keys are errors."""
+        return apply_overrides(cls(), d)
+
+
+SECTIONS = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _coerce(section: str, key: str, typ, value):
+    """Check or convert `value` (from TOML or a command-line string) to the field's type."""
+    where = f"{section}.{key}"
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        try:
+            if typ is bool:
+                if text.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if text.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return typ(text)
+        except ValueError:
+            raise ConfigError(f"{where} expects {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool):
+        raise ConfigError(f"{where} expects {typ.__name__}, got {value!r}")
+    if not isinstance(value, typ):
+        raise ConfigError(f"{where} expects {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def apply_overrides(cfg: RunConfig, updates: dict) -> RunConfig:
+    """A new RunConfig with `updates` ({section: {key: value}} or {"section.key": value}) applied,
+    every value type-checked and every section re-validated."""
+    nested: dict[str, dict] = {}
+    for k, v in updates.items():
+        if "." in k:
+            section, key = k.split(".", 1)
+            nested.setdefault(section, {})[key] = v
+        elif isinstance(v, dict):
+            nested.setdefault(k, {}).update(v)
+        else:
+            raise ConfigError(f"config key {k!r} needs a section: write model.{k}, data.{k} or train.{k}")
+    parts = {}
+    for section, cls in SECTIONS.items():
+        current = dataclasses.asdict(getattr(cfg, section))
+        given = nested.pop(section, {})
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        for key, value in given.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key {section}.{key}; known {section} keys: {', '.join(sorted(known))}")
+            current[key] = _coerce(section, key, hints[key], value)
+        parts[section] = cls(**current)
+    if nested:
+        raise ConfigError(f"unknown config section(s) {', '.join(sorted(nested))}; use model, data or train")
+    return RunConfig(**parts)
+
+
+def parse_assignments(items: list[str]) -> dict:
+    """["train.max_iters=100", ...] -> {"train.max_iters": "100", ...} (values typed later)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.max_iters=100)")
+        out[key.strip()] = value
+    return out
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in the package (quietgpt/presets/*.toml)."""
+    return sorted(p.name[:-5] for p in resources.files("quietgpt.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def read_toml(name_or_path: str) -> dict:
+    """A shipped preset by name, or a user's TOML file by path, as a dict."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path} does not exist; pass a preset name or a TOML path")
+        text = path.read_text(encoding="utf-8")
+    else:
+        if name_or_path not in preset_names():
+            raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names())} "
+                              "or pass a .toml file")
+        text = resources.files("quietgpt.presets").joinpath(f"{name_or_path}.toml").read_text(encoding="utf-8")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{name_or_path} is not valid TOML ({e}); fix the file") from None
+
+
+def load_config(preset: str = "default", overrides: dict | None = None) -> RunConfig:
+    """Defaults <- preset/TOML file <- overrides. Sections other than model/data/train (a preset's
+    [study] table, say) are for other tools and are ignored here."""
+    doc = read_toml(preset)
+    base = {k: v for k, v in doc.items() if k in SECTIONS}
+    cfg = apply_overrides(RunConfig(), base)
+    return apply_overrides(cfg, overrides or {})

@@ -1,0 +1,354 @@
+"""A GPT-2 language model in the manner of karpathy/nanoGPT, whose attention normaliser is a choice.
+
+Everything but the attention core matches nanoGPT's model.py: token + learned position embeddings,
+pre-LayerNorm blocks, fused qkv projection, 4x GELU MLP, final LayerNorm, lm_head tied to the token
+embedding, optional biases, dropout, N(0, 0.02) init with residual projections scaled by
+1/sqrt(2 n_layer). Two variants add parameters: "sink" (one logit per head, in the attention core)
+and "gated" (a per-head sigmoid gate on each head's output, Bondarenko et al. 2023).
+
+Observation sites: nn.Identity taps through which activations pass. Forward hooks on them (see
+`GPT.observe`) read, or replace, activations without touching the forward; with no hook a tap costs
+one function call.
+    embeddings   (B, T, C)  token + position embeddings (layer -1)
+    attn_out     (B, T, C)  attention sub-block output after c_proj, before the residual add
+    mlp_hidden   (B, T, 4C) MLP hidden after GELU
+    mlp_out      (B, T, C)  MLP output after c_proj
+    block_out    (B, T, C)  the residual stream after the block
+    attn_probs   (B, H, T, T) attention weights (observing them runs the reference path)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import PATHS, VARIANTS, QuietAttention, check_path, check_variant
+from .errors import ConfigError
+from .softmax import check_clip_params
+
+Tensor = torch.Tensor
+SITES = ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out", "attn_probs")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed, as nanoGPT does
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, like GPT-2; False is a bit better/faster
+    attention: str = "softmax"  # one of attention.VARIANTS
+    softmax_n: float = 1.0  # n for attention="softmax_n"
+    clip_gamma: float = -0.03  # clipped softmax's gamma (<= 0)
+    clip_zeta: float = 1.0  # clipped softmax's zeta (>= 1)
+    gate_init: float = 0.25  # gated attention: the gate's value at init (sigmoid of its bias)
+    sink_init: float = 0.0  # sink: the learned null logit b_h at init (0 = starts as softmax1)
+    path: str = "auto"  # attention path: auto | fast | reference
+    gelu: str = "none"  # GELU approximation: "none" (exact, nanoGPT) or "tanh" (HF GPT-2's gelu_new)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.attention not in VARIANTS:
+            raise ConfigError(f"model.attention {self.attention!r} is unknown; choose one of {', '.join(VARIANTS)}")
+        if self.path not in PATHS:
+            raise ConfigError(f"model.path {self.path!r} is unknown; choose one of {', '.join(PATHS)}")
+        if not (0.0 <= self.softmax_n < math.inf):
+            raise ConfigError(f"model.softmax_n must be a finite number >= 0, got {self.softmax_n!r}")
+        try:
+            check_clip_params(self.clip_gamma, self.clip_zeta)
+        except ConfigError as e:
+            raise ConfigError(f"model.clip_gamma/clip_zeta: {e}") from None
+        if not 0.0 < self.gate_init < 1.0:
+            raise ConfigError(f"model.gate_init must be in (0, 1), got {self.gate_init!r}")
+        if self.gelu not in ("none", "tanh"):
+            raise ConfigError(f"model.gelu must be 'none' or 'tanh', got {self.gelu!r}")
+        if self.path == "fast" and self.attention == "clipped":
+            raise ConfigError("model.path 'fast' is impossible for attention 'clipped'; use path = 'auto'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        # key, query, value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.core = QuietAttention(
+            config.n_head, config.attention, n=config.softmax_n, gamma=config.clip_gamma,
+            zeta=config.clip_zeta, dropout=config.dropout, path=config.path, sink_init=config.sink_init,
+        )
+        # Gated attention: sigmoid(Linear(x)) per token and head scales that head's output, so a head can
+        # switch itself off without parking its attention on some token.
+        self.gate = nn.Linear(config.n_embd, config.n_head, bias=True) if config.attention == "gated" else None
+        self.tap_out = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, H, T, D)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        gate = None
+        if self.gate is not None:
+            gate = torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
+        y = self.core(q, k, v, gate=gate)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.tap_out(self.resid_dropout(self.c_proj(y)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate=config.gelu)
+        self.tap_hidden = nn.Identity()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.tap_out = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.tap_hidden(self.gelu(self.c_fc(x)))
+        return self.tap_out(self.dropout(self.c_proj(h)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.tap_out = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return self.tap_out(x)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.tap_embeddings = nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):
+                # GPT-2's scaled init: each block adds two residual branches, so keep their sum's variance flat.
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for block in self.transformer.h:
+            gate = block.attn.gate
+            if gate is not None:
+                # start every gate near gate_init; the small random weights let it learn from there
+                torch.nn.init.constant_(gate.bias, math.log(config.gate_init / (1.0 - config.gate_init)))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ---------------------------------------------------------------- forward and generation
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, last_only: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) int64 token ids, T <= block_size -> (logits (B, T, vocab) float, loss or None).
+
+        loss is the mean cross-entropy over targets (B, T), entries -1 ignored. last_only returns
+        logits for the last position only, (B, 1, vocab): what generation needs.
+        """
+        _, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {T}; block_size is {self.config.block_size}")
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.tap_embeddings(self.transformer.wte(idx) + self.transformer.wpe(pos)))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        return self.lm_head(x[:, [-1], :] if last_only else x), None
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None) -> Tensor:
+        """Extend idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
+
+        temperature 0 is greedy decoding; top_k keeps only the k most likely tokens; seed makes the
+        samples reproducible without touching the global RNG. Call model.eval() first.
+        """
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=idx.device)
+            gen.manual_seed(seed)
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond, last_only=True)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1, generator=gen)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without position embeddings (token embeddings count, because
+        they are tied to lm_head), as nanoGPT reports it."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context length (e.g. a pretrained 1024 model used at 256)."""
+        if not 0 < block_size <= self.config.block_size:
+            raise ConfigError(f"block_size must be in 1..{self.config.block_size}, got {block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: every >= 2-D tensor (matmul weights, embeddings) decays; biases, LayerNorm
+        parameters and sink logits do not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+                             device_type: str) -> torch.optim.AdamW:
+        """nanoGPT's AdamW with decay/no-decay groups, fused where this torch supports it."""
+        fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        extra = {"fused": True} if fused_ok else {}
+        return torch.optim.AdamW(self.param_groups(weight_decay), lr=learning_rate, betas=betas, **extra)
+
+    def set_attention_path(self, path: str) -> None:
+        """Switch every block's attention path (auto | fast | reference)."""
+        check_path(path)
+        for block in self.transformer.h:
+            block.attn.core.path = path
+
+    def attention_paths(self) -> list[str | None]:
+        """The path each block's attention ran on its last forward (None before the first)."""
+        return [block.attn.core.last_path for block in self.transformer.h]
+
+    # ---------------------------------------------------------------- observation
+
+    def sites(self) -> Iterator[tuple[str, int, nn.Module]]:
+        """(site, layer, tap module) for every observation site; embeddings are layer -1."""
+        yield "embeddings", -1, self.tap_embeddings
+        for i, block in enumerate(self.transformer.h):
+            yield "attn_probs", i, block.attn.core.tap_probs
+            yield "attn_out", i, block.attn.tap_out
+            yield "mlp_hidden", i, block.mlp.tap_hidden
+            yield "mlp_out", i, block.mlp.tap_out
+            yield "block_out", i, block.tap_out
+
+    @contextlib.contextmanager
+    def observe(self, fn: Callable[[str, int, Tensor], Tensor | None],
+                sites: tuple[str, ...] | None = None) -> Iterator[None]:
+        """Call fn(site, layer, tensor) for every activation passing a tap while the context is open;
+        a non-None return value replaces the activation (fake quantization uses this). `sites` limits
+        which sites are observed; observing attn_probs runs those blocks' reference path."""
+        wanted = SITES if sites is None else sites
+        for s in wanted:
+            if s not in SITES:
+                raise ConfigError(f"unknown observation site {s!r}; choose from {', '.join(SITES)}")
+        handles = []
+        try:
+            for site, layer, tap in self.sites():
+                if site in wanted:
+                    handles.append(tap.register_forward_hook(
+                        lambda _m, _inp, out, site=site, layer=layer: fn(site, layer, out)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ---------------------------------------------------------------- Hugging Face import
+
+    @classmethod
+    def from_hf(cls, model_or_state_dict, config: GPTConfig | None = None) -> GPT:
+        """Load Hugging Face GPT-2 weights (a `GPT2LMHeadModel` or its state dict) into the softmax
+        variant. With a model, the config comes from model.config; with a state dict, pass `config`.
+        HF's Conv1D stores weights as (in, out); nn.Linear wants (out, in), so those are transposed."""
+        sd_hf = model_or_state_dict
+        if not isinstance(model_or_state_dict, dict):
+            hf = model_or_state_dict.config
+            if config is None:
+                act = getattr(hf, "activation_function", "gelu_new")
+                config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
+                                   n_head=hf.n_head, n_embd=hf.n_embd, bias=True, attention="softmax",
+                                   gelu="tanh" if act in ("gelu_new", "gelu_pytorch_tanh") else "none")
+            sd_hf = model_or_state_dict.state_dict()
+        if config is None:
+            raise ConfigError("from_hf with a state dict needs config=GPTConfig(...) (n_head cannot be inferred)")
+        model = cls(config)
+        sd = model.state_dict()
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        keys_hf = [k for k in sd_hf if not k.endswith((".attn.masked_bias", ".attn.bias"))]
+        missing = [k for k in sd if k not in sd_hf and k != "lm_head.weight"]
+        if missing:
+            raise ConfigError(f"not a GPT-2 state dict of this shape: missing {missing[0]} (and {len(missing) - 1} more)")
+        with torch.no_grad():
+            for k in keys_hf:
+                if k not in sd:
+                    continue
+                src = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                if src.shape != sd[k].shape:
+                    raise ConfigError(f"shape mismatch for {k}: checkpoint {tuple(src.shape)} vs model {tuple(sd[k].shape)}")
+                sd[k].copy_(src)
+        return model

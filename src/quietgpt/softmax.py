@@ -1,0 +1,91 @@
+"""The softmax family: one source of truth per formula.
+
+    softmax_n(x)_i = exp(x_i) / (n + sum_j exp(x_j))        n >= 0
+    softmax1       = softmax_n with n = 1                   ("quiet attention")
+    clipped        = clip((zeta - gamma) * softmax(x) + gamma, 0, 1)   (Bondarenko et al. 2023)
+
+softmax_n is ordinary softmax over the row with one extra logit log(n) appended whose entry is then
+dropped; the mass 1 - sum_i softmax_n(x)_i = n / (n + sum_j exp(x_j)) is what a head leaves on
+"nothing". Everything here is computed in float32 (or float64 if given float64) and returned in the
+input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ConfigError
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # Half-precision exponentials and sums lose too much; do the math in fp32 like fused kernels do.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def log_n_of(n: float) -> float:
+    """log(n) for the null logit, with n = 0 mapping to -inf (ordinary softmax)."""
+    if not (n >= 0.0) or math.isinf(n):
+        raise ConfigError(f"softmax_n: n must be a finite number >= 0, got {n!r}")
+    return math.log(n) if n > 0 else -math.inf
+
+
+def softmax_with_null(x: Tensor, log_n: Tensor | float, dim: int = -1) -> Tensor:
+    """exp(x_i) / (exp(log_n) + sum_j exp(x_j)) along `dim`, stable for every finite input.
+
+    `log_n` is the logit of the null entry: a float, or a tensor broadcastable against `x` with size 1
+    along `dim` (a learned per-head sink logit, say). log_n = -inf gives ordinary softmax.
+    Shifting by m = max(max_j x_j, log_n) keeps every exponent <= 0, so neither term overflows, and
+    the largest term is exactly 1, so the denominator never underflows to 0. Rows that are entirely
+    -inf give zeros when log_n is finite and NaN when log_n = -inf (as torch.softmax does).
+    Gradients flow to x and, if it is a tensor that requires grad, to log_n.
+    """
+    dtype = x.dtype
+    xc = x.to(_compute_dtype(x))
+    if isinstance(log_n, Tensor):
+        ln = log_n.to(xc.dtype)
+    else:
+        ln = torch.tensor(float(log_n), dtype=xc.dtype, device=x.device)
+    # m only shifts the exponents; the result does not depend on it, so it gets no gradient.
+    m = torch.maximum(xc.detach().amax(dim=dim, keepdim=True), ln.detach())
+    e = torch.exp(xc - m)
+    denom = torch.exp(ln - m) + e.sum(dim=dim, keepdim=True)
+    return (e / denom).to(dtype)
+
+
+def softmax_n(x: Tensor, n: float = 1.0, dim: int = -1) -> Tensor:
+    """exp(x_i) / (n + sum_j exp(x_j)) along `dim`; n = 0 is ordinary softmax.
+
+    Any shape and dim; fp16/bf16 inputs are computed in fp32 and returned in the input dtype.
+    -inf entries (masked) get exactly 0. A row that is entirely -inf gives all zeros for n > 0
+    (the head abstains completely) but NaN for n = 0, as ordinary softmax does.
+    """
+    return softmax_with_null(x, log_n_of(n), dim=dim)
+
+
+def softmax1(x: Tensor, dim: int = -1) -> Tensor:
+    """softmax_n with n = 1: exp(x_i) / (1 + sum_j exp(x_j)) ("quiet attention")."""
+    return softmax_with_null(x, 0.0, dim=dim)
+
+
+def check_clip_params(gamma: float, zeta: float) -> None:
+    """Raise ConfigError unless gamma <= 0 <= 1 <= zeta (the clipped softmax's admissible range)."""
+    if not gamma <= 0.0:
+        raise ConfigError(f"clipped softmax: gamma must be <= 0, got {gamma!r}")
+    if not zeta >= 1.0:
+        raise ConfigError(f"clipped softmax: zeta must be >= 1, got {zeta!r}")
+
+
+def clipped_softmax(x: Tensor, gamma: float = -0.03, zeta: float = 1.0, dim: int = -1) -> Tensor:
+    """clip((zeta - gamma) * softmax(x) + gamma, 0, 1) along `dim` (Bondarenko et al. 2023).
+
+    With gamma < 0 a probability can reach exactly 0 with finite logits, so a head can ignore tokens
+    without pushing logits to extremes; the gradient is zero where the clip is active.
+    """
+    check_clip_params(gamma, zeta)
+    dtype = x.dtype
+    p = torch.softmax(x.to(_compute_dtype(x)), dim=dim)
+    return ((zeta - gamma) * p + gamma).clamp(0.0, 1.0).to(dtype)
