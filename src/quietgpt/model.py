@@ -161,6 +161,10 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        # Paired comparisons need every variant to start from the same shared weights for a given seed.
+        # Module constructors draw from the RNG (and variants construct different modules), so rewind
+        # it after construction, initialise the shared parameters first, and variant extras last.
+        rng_at_start = torch.random.get_rng_state()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -172,16 +176,19 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds.
         self.transformer.wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
+        torch.random.set_rng_state(rng_at_start)
+        gates = [block.attn.gate for block in self.transformer.h if block.attn.gate is not None]
+        for module in self.modules():
+            if not any(module is g for g in gates):
+                self._init_weights(module)
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
                 # GPT-2's scaled init: each block adds two residual branches, so keep their sum's variance flat.
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        for block in self.transformer.h:
-            gate = block.attn.gate
-            if gate is not None:
-                # start every gate near gate_init; the small random weights let it learn from there
-                torch.nn.init.constant_(gate.bias, math.log(config.gate_init / (1.0 - config.gate_init)))
+        for gate in gates:
+            # start every gate near gate_init; the small random weights let it learn from there
+            torch.nn.init.normal_(gate.weight, mean=0.0, std=0.02)
+            torch.nn.init.constant_(gate.bias, math.log(config.gate_init / (1.0 - config.gate_init)))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
