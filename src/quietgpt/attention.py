@@ -298,7 +298,7 @@ def _attention(q, k, v, variant, *, is_causal, n, sink_logit, gamma, zeta, dropo
     elif chosen == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     else:
-        ln = log_n if isinstance(log_n, Tensor) else torch.tensor(log_n, dtype=torch.float32, device=q.device)
+        ln = log_n if isinstance(log_n, Tensor) else torch.tensor(log_n, dtype=torch.float64, device=q.device)
         if chosen == "prefix":
             out = _prefix_attention(q, k, v, ln, is_causal, scale, dropout_p)
         else:

@@ -9,6 +9,7 @@ the key, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field, fields
@@ -90,6 +91,17 @@ class TrainConfig:
             raise ConfigError(f"train.backend must be auto, gloo or nccl, got {self.backend!r}")
         if self.learning_rate <= 0 or self.min_lr < 0:
             raise ConfigError("train.learning_rate must be > 0 and train.min_lr >= 0")
+        for name in ("threads", "warmup_iters", "max_nonfinite_skips"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.lr_decay_iters < 1:
+            raise ConfigError(f"train.lr_decay_iters must be a positive integer, got {self.lr_decay_iters!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0 (grad_clip 0 disables clipping)")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ConfigError(f"train.beta1/beta2 must be in [0, 1), got {self.beta1!r}, {self.beta2!r}")
+        if not self.out_dir.strip():
+            raise ConfigError("train.out_dir is empty; pass --out DIR")
 
 
 @dataclass
@@ -122,12 +134,16 @@ def _coerce(section: str, key: str, typ, value):
                 if text.lower() in ("false", "0", "no", "off"):
                     return False
                 raise ValueError
-            return typ(text)
+            return _coerce(section, key, typ, typ(text))
+        except ConfigError:
+            raise
         except ValueError:
             raise ConfigError(f"{where} expects {typ.__name__}, got {value!r}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool):
+    if typ is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} expects a finite number, got {value!r}")
+    if (typ is bool and not isinstance(value, bool)) or (typ is not bool and isinstance(value, bool)):
         raise ConfigError(f"{where} expects {typ.__name__}, got {value!r}")
     if not isinstance(value, typ):
         raise ConfigError(f"{where} expects {typ.__name__}, got {type(value).__name__} {value!r}")
@@ -154,7 +170,9 @@ def apply_overrides(cfg: RunConfig, updates: dict) -> RunConfig:
         known = {f.name for f in fields(cls)}
         for key, value in given.items():
             if key not in known:
-                raise ConfigError(f"unknown config key {section}.{key}; known {section} keys: {', '.join(sorted(known))}")
+                raise ConfigError(
+                    f"unknown config key {section}.{key}; known {section} keys: {', '.join(sorted(known))}"
+                )
             current[key] = _coerce(section, key, hints[key], value)
         parts[section] = cls(**current)
     if nested:
@@ -178,28 +196,51 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("quietgpt.presets").iterdir() if p.name.endswith(".toml"))
 
 
-def read_toml(name_or_path: str) -> dict:
-    """A shipped preset by name, or a user's TOML file by path, as a dict."""
+def _preset_file(name_or_path: str):
+    """(text-readable path, label) for a shipped preset name or a user's TOML file path."""
     path = Path(name_or_path)
     if name_or_path.endswith(".toml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {name_or_path} does not exist; pass a preset name or a TOML path")
-        text = path.read_text(encoding="utf-8")
-    else:
-        if name_or_path not in preset_names():
-            raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names())} "
-                              "or pass a .toml file")
-        text = resources.files("quietgpt.presets").joinpath(f"{name_or_path}.toml").read_text(encoding="utf-8")
+        return path
+    if name_or_path not in preset_names():
+        raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names())} "
+                          "or pass a .toml file")
+    return resources.files("quietgpt.presets").joinpath(f"{name_or_path}.toml")
+
+
+def preset_text(name_or_path: str) -> str:
+    """The TOML text of a shipped preset (by name) or of a user's TOML file (by path)."""
+    try:
+        return _preset_file(name_or_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {name_or_path} ({e}); pass a readable UTF-8 TOML file") from None
+
+
+def read_toml(name_or_path: str) -> dict:
+    """A shipped preset by name, or a user's TOML file by path, as a dict."""
+    text = preset_text(name_or_path)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{name_or_path} is not valid TOML ({e}); fix the file") from None
 
 
+# Tables a preset may carry for other tools (`quietgpt study` reads [study]); anything else is a typo.
+TOOL_SECTIONS = ("study", "eval", "measure", "report", "bench")
+
+
 def load_config(preset: str = "default", overrides: dict | None = None) -> RunConfig:
-    """Defaults <- preset/TOML file <- overrides. Sections other than model/data/train (a preset's
-    [study] table, say) are for other tools and are ignored here."""
+    """Defaults <- preset/TOML file <- overrides. Tables for other tools (TOOL_SECTIONS, e.g. a
+    preset's [study]) are ignored here; any other unknown table or key is a ConfigError naming it."""
     doc = read_toml(preset)
+    unknown = sorted(k for k in doc if k not in SECTIONS and k not in TOOL_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}] in {preset}; use [model], [data] or [train] "
+                          f"(other tools read [{'], ['.join(TOOL_SECTIONS)}])")
     base = {k: v for k, v in doc.items() if k in SECTIONS}
+    for k, v in base.items():
+        if not isinstance(v, dict):
+            raise ConfigError(f"{k} in {preset} must be a table [{k}], not a value")
     cfg = apply_overrides(RunConfig(), base)
     return apply_overrides(cfg, overrides or {})

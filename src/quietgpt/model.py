@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import PATHS, VARIANTS, QuietAttention, check_path, check_variant
+from .attention import PATHS, VARIANTS, QuietAttention, check_path
 from .errors import ConfigError
 from .softmax import check_clip_params
 
@@ -149,10 +149,11 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        self.tap_resid = nn.Identity()  # the residual sum after attention (ln_2's input); quant.py hooks it
         self.tap_out = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
+        x = self.tap_resid(x + self.attn(self.ln_1(x)))
         x = x + self.mlp(self.ln_2(x))
         return self.tap_out(x)
 
@@ -349,13 +350,17 @@ class GPT(nn.Module):
         keys_hf = [k for k in sd_hf if not k.endswith((".attn.masked_bias", ".attn.bias"))]
         missing = [k for k in sd if k not in sd_hf and k != "lm_head.weight"]
         if missing:
-            raise ConfigError(f"not a GPT-2 state dict of this shape: missing {missing[0]} (and {len(missing) - 1} more)")
+            raise ConfigError(
+                f"not a GPT-2 state dict of this shape: missing {missing[0]} (and {len(missing) - 1} more)"
+            )
         with torch.no_grad():
             for k in keys_hf:
                 if k not in sd:
                     continue
                 src = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
                 if src.shape != sd[k].shape:
-                    raise ConfigError(f"shape mismatch for {k}: checkpoint {tuple(src.shape)} vs model {tuple(sd[k].shape)}")
+                    raise ConfigError(
+                        f"shape mismatch for {k}: checkpoint {tuple(src.shape)} vs model {tuple(sd[k].shape)}"
+                    )
                 sd[k].copy_(src)
         return model

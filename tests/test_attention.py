@@ -1,0 +1,187 @@
+"""Every attention variant's fast path against its reference path (values and gradients), and the
+reference path against an independent float64 formula."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quietgpt import QuietAttention, attention, select_path
+from quietgpt.attention import _prefix_attention
+from quietgpt.errors import ConfigError
+
+VARIANTS = ["softmax", "softmax1", "softmax_n", "sink", "clipped", "gated"]
+
+
+def naive64(q, k, v, log_null=None, causal=True, clip=None, gate=None):
+    """Independent float64 ground truth: scores, an explicit null column with logit log_null
+    (per head allowed), softmax, drop the null column."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, T, D = q.shape
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)
+    if causal:
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    if log_null is not None:
+        null = torch.as_tensor(log_null, dtype=torch.float64).reshape(-1, 1, 1).expand(H, T, 1)
+        s = torch.cat([s, null.expand(B, H, T, 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)
+    if log_null is not None:
+        p = p[..., :-1]
+    if clip is not None:
+        gamma, zeta = clip
+        p = ((zeta - gamma) * p + gamma).clamp(0, 1)
+    out = p @ v
+    return out * gate.double() if gate is not None else out
+
+
+def make_qkv(B=2, H=3, T=37, D=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, H, T, D, generator=g) * 1.5).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def kwargs_for(variant, H, dtype=torch.float32):
+    kw = {}
+    if variant == "softmax_n":
+        kw["n"] = 2.5
+    if variant == "sink":
+        kw["sink_logit"] = torch.linspace(-1.0, 1.5, H, dtype=dtype).requires_grad_()
+    if variant == "clipped":
+        kw.update(gamma=-0.05, zeta=1.02)
+    if variant == "gated":
+        kw["gate"] = torch.rand(2, H, 37, 1, dtype=dtype)
+    return kw
+
+
+def naive_for(variant, q, k, v, kw):
+    log_null = {"softmax1": 0.0, "softmax_n": math.log(2.5)}.get(variant)
+    if variant == "sink":
+        log_null = kw["sink_logit"]
+    clip = (kw["gamma"], kw["zeta"]) if variant == "clipped" else None
+    return naive64(q, k, v, log_null=log_null, clip=clip, gate=kw.get("gate"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reference_matches_float64_formula(variant):
+    q, k, v = make_qkv(dtype=torch.float64)
+    kw = kwargs_for(variant, 3, torch.float64)
+    got = attention(q, k, v, variant, path="reference", **kw)
+    assert torch.allclose(got, naive_for(variant, q, k, v, kw), atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", [(2, 3, 37, 16), (1, 1, 1, 8), (3, 2, 130, 32)])
+def test_fast_equals_reference_values_and_grads(variant, shape):
+    B, H, T, D = shape
+    q, k, v = make_qkv(B, H, T, D, seed=T)
+    kw = kwargs_for(variant, H)
+    if variant == "gated":
+        kw["gate"] = torch.rand(B, H, T, 1)
+    outs, grads = {}, {}
+    for path in ("auto", "reference"):
+        out = attention(q, k, v, variant, path=path, **kw)
+        g = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+        inputs = [q, k, v] + ([kw["sink_logit"]] if variant == "sink" else [])
+        outs[path] = out
+        grads[path] = torch.autograd.grad(out, inputs, g)
+    assert torch.allclose(outs["auto"], outs["reference"], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads["auto"], grads["reference"]):
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
+    # and the fast path against the float64 formula
+    assert torch.allclose(outs["auto"].double(), naive_for(variant, q, k, v, kw), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["softmax1", "softmax_n", "sink"])
+def test_lse_path_float64_exact(variant):
+    """In float64 the fused-LSE path reproduces the naive formula and its gradients to ~1e-10."""
+    q, k, v = make_qkv(dtype=torch.float64)
+    kw = kwargs_for(variant, 3, torch.float64)
+    assert select_path(variant, "auto", q) == "lse-flash-cpu"
+    out = attention(q, k, v, variant, **kw)
+    ref = naive_for(variant, q, k, v, kw)
+    assert torch.allclose(out, ref, atol=1e-10)
+    g = torch.randn_like(out)
+    inputs = [q, k, v] + ([kw["sink_logit"]] if variant == "sink" else [])
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_sink_gradcheck():
+    q, k, v = [t.detach()[:1, :2, :5, :8].clone().requires_grad_() for t in make_qkv(dtype=torch.float64)]
+    b = torch.tensor([0.3, -0.7], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v, b: attention(q, k, v, "sink", sink_logit=b), (q, k, v, b))
+
+
+def test_blog_identity_zero_key_and_value_prepended():
+    """softmax1 attention == ordinary softmax attention over keys/values with one all-zero key and value
+    prepended, attendable by every query."""
+    q, k, v = make_qkv()
+    B, H, T, D = q.shape
+    k0 = torch.cat([torch.zeros(B, H, 1, D), k], dim=2)
+    v0 = torch.cat([torch.zeros(B, H, 1, D), v], dim=2)
+    mask = torch.ones(T, T + 1, dtype=torch.bool).tril(diagonal=1)  # column 0 (the null) always visible
+    expected = F.scaled_dot_product_attention(q, k0, v0, attn_mask=mask)
+    for path in ("auto", "reference"):
+        assert torch.allclose(attention(q, k, v, "softmax1", path=path), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["softmax1", "softmax_n", "sink"])
+def test_prefix_path_exact(variant):
+    q, k, v = make_qkv(dtype=torch.float64)
+    kw = kwargs_for(variant, 3, torch.float64)
+    ln = {"softmax1": torch.tensor(0.0), "softmax_n": torch.tensor(math.log(2.5))}.get(variant)
+    if variant == "sink":
+        ln = kw["sink_logit"].reshape(-1, 1)
+    out = _prefix_attention(q, k, v, ln.double(), True, 1 / math.sqrt(16), 0.0)
+    assert torch.allclose(out, naive_for(variant, q, k, v, kw), atol=1e-10)
+
+
+def test_path_selection_and_reporting():
+    q, _, _ = make_qkv()
+    assert select_path("softmax", "auto", q) == "sdpa"
+    assert select_path("gated", "auto", q) == "sdpa"
+    assert select_path("softmax1", "auto", q) == "lse-flash-cpu"
+    assert select_path("softmax1", "auto", q, dropout_p=0.1) == "prefix"
+    assert select_path("clipped", "auto", q) == "reference"
+    assert select_path("softmax1", "auto", q, need_probs=True) == "reference"
+    assert select_path("sink", "reference", q) == "reference"
+    with pytest.raises(ConfigError, match="clipped"):
+        select_path("clipped", "fast", q)
+    with pytest.raises(ConfigError, match="unknown attention variant"):
+        select_path("softmax2", "auto", q)
+    core = QuietAttention(3, "softmax1")
+    core(*make_qkv())
+    assert core.last_path == "lse-flash-cpu"
+
+
+def test_probs_tap_sees_reference_probabilities():
+    q, k, v = make_qkv()
+    core = QuietAttention(3, "softmax1")
+    seen = []
+    core.tap_probs.register_forward_hook(lambda m, i, o: seen.append(o))
+    core(q, k, v)
+    assert core.last_path == "reference"
+    p = seen[0]
+    assert p.shape == (2, 3, 37, 37)
+    s = q.double() @ k.double().transpose(-1, -2) / 4
+    s = s.masked_fill(torch.ones(37, 37, dtype=torch.bool).triu(1), float("-inf"))
+    with_null = torch.cat([s, torch.zeros(2, 3, 37, 1, dtype=torch.float64)], -1)
+    expected_mass = 1 - torch.softmax(with_null, -1)[..., :-1].sum(-1)
+    assert torch.allclose(1 - p.double().sum(-1), expected_mass, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "softmax1", "sink", "clipped"])
+def test_dropout_on_attention_weights(variant):
+    """In training mode dropout hits the weights (outputs vary), its expectation is the no-dropout output,
+    and eval mode is deterministic."""
+    torch.manual_seed(0)
+    q, k, v = [t.detach() for t in make_qkv(1, 2, 9, 8)]
+    core = QuietAttention(2, variant, dropout=0.3)
+    core.eval()
+    clean = core(q, k, v)
+    assert torch.equal(clean, core(q, k, v))
+    core.train()
+    samples = torch.stack([core(q, k, v) for _ in range(3000)])
+    assert not torch.allclose(samples[0], samples[1])
+    assert core.last_path in ("sdpa", "prefix", "reference")
+    assert torch.allclose(samples.mean(0), clean, atol=0.06)

@@ -1,0 +1,204 @@
+"""The GPT model: shape bookkeeping against hand-computed counts, init, training signal, generation,
+observation taps, config validation, and logit parity with Hugging Face GPT-2."""
+
+import math
+
+import pytest
+import torch
+
+from quietgpt import GPT, GPTConfig
+from quietgpt.errors import ConfigError
+
+VARIANTS = ["softmax", "softmax1", "softmax_n", "sink", "clipped", "gated"]
+
+
+def tiny(**kw) -> GPTConfig:
+    base = dict(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=16, bias=False)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("variant", ["softmax", "sink", "gated"])
+def test_parameter_count_hand_computed(bias, variant):
+    V, T, C, L, H = 37, 16, 16, 2, 2
+    model = GPT(tiny(bias=bias, attention=variant))
+    per_layer = 12 * C * C + 2 * C + (11 * C if bias else 0)
+    per_layer += {"sink": H, "gated": C * H + H}.get(variant, 0)
+    total = V * C + T * C + L * per_layer + C + (C if bias else 0)
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total - T * C
+
+
+def test_seeded_init_is_deterministic_and_std():
+    torch.manual_seed(7)
+    a = GPT(tiny(n_embd=64, n_layer=4))
+    torch.manual_seed(7)
+    b = GPT(tiny(n_embd=64, n_layer=4))
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), na
+    w = a.transformer.h[0].mlp.c_fc.weight
+    assert abs(w.std().item() - 0.02) < 0.002
+    proj = a.transformer.h[0].mlp.c_proj.weight
+    assert abs(proj.std().item() - 0.02 / math.sqrt(2 * 4)) < 0.001
+
+
+def test_shared_weights_identical_across_variants():
+    states = {}
+    for v in VARIANTS:
+        torch.manual_seed(3)
+        states[v] = GPT(tiny(attention=v)).state_dict()
+    for v in VARIANTS:
+        for key, tensor in states["softmax"].items():
+            assert torch.equal(tensor, states[v][key]), (v, key)
+
+
+def test_gate_starts_near_gate_init():
+    torch.manual_seed(0)
+    model = GPT(tiny(attention="gated", gate_init=0.25))
+    x = torch.randn(2, 5, 16)
+    g = torch.sigmoid(model.transformer.h[0].attn.gate(x))
+    assert torch.allclose(g, torch.full_like(g, 0.25), atol=0.05)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_loss_at_init_close_to_log_vocab(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=100, attention=variant))
+    idx, targets = torch.randint(0, 100, (2, 4, 16))
+    _, loss = model(idx, targets)
+    # logits start with std ~ sqrt(n_embd) * 0.02 = 0.08, so the loss is ln(V) to within ~0.01
+    assert abs(loss.item() - math.log(100)) < 0.02
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_overfits_one_batch(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny(attention=variant))
+    idx = torch.randint(0, 37, (4, 17))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    for _ in range(150):
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2, loss.item()
+
+
+def test_generate_shapes_and_seeded_determinism():
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    a = model.generate(idx, 20, temperature=1.0, top_k=5, seed=11)  # runs past block_size: context is cropped
+    b = model.generate(idx, 20, temperature=1.0, top_k=5, seed=11)
+    c = model.generate(idx, 20, temperature=1.0, top_k=5, seed=12)
+    assert a.shape == (2, 23) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :3], idx)
+    greedy = model.generate(idx, 4, temperature=0)
+    logits, _ = model(idx)
+    assert torch.equal(greedy[:, 3], logits[:, -1].argmax(-1))
+
+
+def test_top_k_one_is_greedy():
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx = torch.randint(0, 37, (1, 4))
+    assert torch.equal(model.generate(idx, 6, top_k=1, seed=1), model.generate(idx, 6, temperature=0))
+
+
+def test_crop_block_size():
+    model = GPT(tiny())
+    model.crop_block_size(8)
+    assert model.transformer.wpe.weight.shape == (8, 16)
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_param_groups_split_decay():
+    model = GPT(tiny(attention="sink", bias=True))
+    decay, no_decay = model.param_groups(0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == model.num_params(non_embedding=False)
+
+
+def test_observation_sites_and_paths():
+    torch.manual_seed(0)
+    model = GPT(tiny(attention="softmax1"))
+    idx = torch.randint(0, 37, (2, 10))
+    seen = {}
+    with model.observe(lambda s, layer, t: seen.update({(s, layer): t.shape})):
+        model(idx)
+    assert seen[("embeddings", -1)] == (2, 10, 16)
+    assert seen[("mlp_hidden", 1)] == (2, 10, 64)
+    assert seen[("attn_probs", 0)] == (2, 2, 10, 10)
+    assert model.attention_paths() == ["reference", "reference"]
+    assert len(seen) == 1 + 2 * 5
+    model(idx)  # hooks are gone: fast path again, nothing recorded
+    assert model.attention_paths() == ["lse-flash-cpu", "lse-flash-cpu"]
+    # a returned tensor replaces the activation
+    with model.observe(lambda s, layer, t: torch.zeros_like(t), sites=("block_out",)):
+        logits, _ = model(idx)
+    ln_f_of_zero = model.lm_head(model.transformer.ln_f(torch.zeros(16)))
+    assert torch.allclose(logits[0, 0], ln_f_of_zero, atol=1e-6)
+
+
+def test_fast_and_reference_model_agree():
+    for v in VARIANTS:
+        torch.manual_seed(0)
+        model = GPT(tiny(attention=v))
+        idx = torch.randint(0, 37, (2, 16))
+        _, fast = model(idx, idx)
+        model.set_attention_path("reference")
+        _, ref = model(idx, idx)
+        assert abs(fast.item() - ref.item()) < 1e-5, v
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(n_embd=10, n_head=3), "divisible"),
+    (dict(attention="softmax2"), "model.attention"),
+    (dict(softmax_n=-1.0), "softmax_n"),
+    (dict(clip_gamma=0.5), "clip_gamma"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(path="turbo"), "model.path"),
+    (dict(attention="clipped", path="fast"), "clipped"),
+    (dict(gate_init=1.0), "gate_init"),
+])
+def test_config_validation(bad, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        tiny(**bad)
+    assert "\n" not in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ConfigError, match="n_layers"):
+        GPTConfig.from_dict({"n_layers": 3})
+    cfg = tiny(attention="sink")
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_hf_gpt2_logit_parity():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():  # random non-trivial biases and LayerNorm params, so the test sees them all
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    ours = GPT.from_hf(hf).eval()
+    idx = torch.randint(0, 101, (3, 32))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got, _ = ours(idx)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    # the state-dict form needs the config
+    with pytest.raises(ConfigError):
+        GPT.from_hf(hf.state_dict())
+    again = GPT.from_hf(hf.state_dict(), config=ours.config).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(idx)[0], expected, atol=1e-5)
