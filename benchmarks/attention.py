@@ -1,0 +1,195 @@
+"""Attention benchmark: fwd+bwd time and memory of every variant's fast and reference paths next to
+PyTorch's fused SDPA softmax, as ratios measured in the same run (interleaved repetitions, median).
+
+    python benchmarks/attention.py --json out/attention.json            # CPU: T = 256, 1024, 2048
+    python benchmarks/attention.py --device cuda --json out/attn_gpu.json  # GPU: T = 1024 .. 8192
+
+Memory is reported two ways: `saved_mb`, the bytes autograd keeps for the backward pass (exact and
+deterministic: O(T) for a fused path, O(T^2) when the T x T probabilities are kept), and, on CUDA,
+`peak_mb`, the allocator's peak during fwd+bwd; on CPU `peak_mb` is the peak resident-set growth of a
+fresh subprocess running one fwd+bwd (with --no-rss to skip it).
+Goal (issue 3/7): softmax1, softmax_n and sink fast paths <= 1.05x SDPA's time at T = 1024 and 2048.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from quietgpt.attention import _attention
+
+VARIANTS = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated")
+
+
+def make_inputs(B, H, T, D, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = [torch.randn(B, H, T, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3)]
+    extra = {
+        "sink_logit": torch.zeros(H, device=device, requires_grad=True),
+        "gate": torch.rand(B, H, T, 1, generator=g).to(device, dtype),
+    }
+    return q, k, v, extra
+
+
+def run_once(name, path, q, k, v, extra):
+    """One fwd+bwd; returns the path that ran."""
+    if name == "sdpa":
+        out, chosen = F.scaled_dot_product_attention(q, k, v, is_causal=True), "sdpa"
+    else:
+        out, chosen = _attention(
+            q, k, v, name, is_causal=True, n=2.0, sink_logit=extra["sink_logit"] if name == "sink" else None,
+            gamma=-0.03, zeta=1.0, dropout_p=0.0, scale=None, path=path,
+            gate=extra["gate"] if name == "gated" else None, probs_hook=None)
+    out.backward(torch.ones_like(out))
+    return chosen
+
+
+def saved_bytes(name, path, q, k, v, extra) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_once(name, path, q, k, v, extra)
+    return total
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_child(args_json: str) -> None:
+    """Subprocess entry: print the peak resident-set growth (MB) of one fwd+bwd beyond its inputs.
+
+    Linux only. Writing 5 to /proc/self/clear_refs resets the high-water mark (VmHWM) to the current
+    RSS, so imports, warm-up and the inputs themselves are excluded. (getrusage's ru_maxrss would not
+    do: it survives fork+exec and starts at the parent's peak.)"""
+    a = json.loads(args_json)
+    run_once(a["name"], a["path"], *make_inputs(1, 1, 16, a["D"], "cpu", torch.float32))  # warm-up
+    q, k, v, extra = make_inputs(a["B"], a["H"], a["T"], a["D"], "cpu", getattr(torch, a["dtype"]))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kb("VmRSS")
+    run_once(a["name"], a["path"], q, k, v, extra)
+    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - before) / 1024}))
+
+
+def peak_mb(name, path, B, H, T, D, device, dtype, q, k, v, extra):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run_once(name, path, q, k, v, extra)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    payload = json.dumps(dict(name=name, path=path, B=B, H=H, T=T, D=D, dtype=str(dtype).split(".")[-1]))
+    out = subprocess.run([sys.executable, __file__, "--rss-child", payload], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def bench(args) -> dict:
+    device, dtype = args.device, getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seqs = args.T or ([256, 1024, 2048] if device == "cpu" else [1024, 2048, 4096, 8192])
+    rows = []
+    for T in seqs:
+        q, k, v, extra = make_inputs(args.B, args.H, T, args.D, device, dtype)
+        cands = [("sdpa", "fast")]
+        for name in args.variants:
+            cands.append((name, "auto"))
+            if T <= args.max_reference_T and name != "clipped":  # clipped's auto path *is* the reference
+                cands.append((name, "reference"))
+        times = {c: [] for c in cands}
+        paths = {}
+        for c in cands:  # warm-up, and learn which path each candidate runs
+            paths[c] = run_once(*c, q, k, v, extra)
+        for _ in range(args.reps):  # interleaved: drift and noise hit every candidate alike
+            for c in cands:
+                for t in (q, k, v, extra["sink_logit"]):
+                    t.grad = None
+                sync(device)
+                t0 = time.perf_counter()
+                run_once(*c, q, k, v, extra)
+                sync(device)
+                times[c].append(time.perf_counter() - t0)
+        base = statistics.median(times[("sdpa", "fast")])
+        for c in cands:
+            med = statistics.median(times[c])
+            row = {"T": T, "variant": c[0], "requested": c[1], "path": paths[c], "time_ms": med * 1e3,
+                   "ratio_to_sdpa": med / base,
+                   "saved_mb": saved_bytes(*c, q, k, v, extra) / 2**20}
+            if args.memory:
+                row["peak_mb"] = peak_mb(*c, args.B, args.H, T, args.D, device, dtype, q, k, v, extra)
+            rows.append(row)
+            print(f"T={T:5d} {c[0]:>9s} {paths[c]:>14s}  {med * 1e3:9.1f} ms  x{med / base:5.2f}  "
+                  f"saved {row['saved_mb']:8.1f} MB" + (f"  peak {row['peak_mb']:8.1f} MB" if args.memory else ""),
+                  flush=True)
+    goals = {}
+    for T in (1024, 2048):
+        for name in ("softmax1", "softmax_n", "sink"):
+            r = [x for x in rows if x["T"] == T and x["variant"] == name and x["requested"] == "auto"]
+            if r:
+                goals[f"{name}_T{T}_le_1.05x"] = {"ratio": r[0]["ratio_to_sdpa"], "met": r[0]["ratio_to_sdpa"] <= 1.05}
+    return {
+        "benchmark": "attention",
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "config": {"B": args.B, "H": args.H, "D": args.D, "dtype": args.dtype, "reps": args.reps,
+                   "causal": True, "pass": "fwd+bwd"},
+        "results": rows, "goals": goals,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="write results here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    p.add_argument("--T", type=int, action="append", help="sequence length (repeatable)")
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--H", type=int, default=6)
+    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--max-reference-T", type=int, default=2048, help="skip reference paths above this T")
+    p.add_argument("--no-rss", dest="memory", action="store_false", help="skip the per-candidate peak memory")
+    p.add_argument("--rss-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rss_child:
+        rss_child(args.rss_child)
+        return 0
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    result = bench(args)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
