@@ -24,7 +24,7 @@ def test_parameter_count_hand_computed(bias, variant):
     V, T, C, L, H = 37, 16, 16, 2, 2
     model = GPT(tiny(bias=bias, attention=variant))
     per_layer = 12 * C * C + 2 * C + (11 * C if bias else 0)
-    per_layer += {"sink": H, "gated": C * H + H}.get(variant, 0)
+    per_layer += {"sink": H, "gated": C + H}.get(variant, 0)  # gated: one Linear(head_dim -> 1) per head
     total = V * C + T * C + L * per_layer + C + (C if bias else 0)
     assert model.num_params(non_embedding=False) == total
     assert model.num_params() == total - T * C
@@ -57,8 +57,14 @@ def test_gate_starts_near_gate_init():
     torch.manual_seed(0)
     model = GPT(tiny(attention="gated", gate_init=0.25))
     x = torch.randn(2, 5, 16)
-    g = torch.sigmoid(model.transformer.h[0].attn.gate(x))
+    g = model.transformer.h[0].attn.gate(x)
+    assert g.shape == (2, 2, 5, 1)
     assert torch.allclose(g, torch.full_like(g, 0.25), atol=0.05)
+    # head h reads only its own slice of x: changing head 1's slice leaves head 0's gate alone
+    x2 = x.clone()
+    x2[..., 8:] += 5.0
+    g2 = model.transformer.h[0].attn.gate(x2)
+    assert torch.equal(g2[:, 0], g[:, 0]) and not torch.allclose(g2[:, 1], g[:, 1])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

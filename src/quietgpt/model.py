@@ -95,6 +95,24 @@ class GPTConfig:
         return cls(**d)
 
 
+class HeadGate(nn.Module):
+    """Bondarenko et al.'s gated attention (their default, "conditional per token"): each head h has its
+    own Linear(head_dim -> 1) reading that head's slice of the block input x, and its output is scaled by
+    sigmoid of it. A gate near 0 lets the head switch off without parking attention on some token."""
+
+    def __init__(self, n_head: int, head_dim: int):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, head_dim
+        self.weight = nn.Parameter(torch.empty(n_head, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_head))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, T, C) -> gate values in (0, 1), (B, H, T, 1)."""
+        B, T, _ = x.shape
+        logits = torch.einsum("bthd,hd->bht", x.view(B, T, self.n_head, self.head_dim), self.weight)
+        return torch.sigmoid(logits + self.bias.view(1, -1, 1)).unsqueeze(-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -107,9 +125,7 @@ class CausalSelfAttention(nn.Module):
             config.n_head, config.attention, n=config.softmax_n, gamma=config.clip_gamma,
             zeta=config.clip_zeta, dropout=config.dropout, path=config.path, sink_init=config.sink_init,
         )
-        # Gated attention: sigmoid(Linear(x)) per token and head scales that head's output, so a head can
-        # switch itself off without parking its attention on some token.
-        self.gate = nn.Linear(config.n_embd, config.n_head, bias=True) if config.attention == "gated" else None
+        self.gate = HeadGate(config.n_head, config.n_embd // config.n_head) if config.attention == "gated" else None
         self.tap_out = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -119,9 +135,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        gate = None
-        if self.gate is not None:
-            gate = torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
+        gate = self.gate(x) if self.gate is not None else None  # (B, H, T, 1)
         y = self.core(q, k, v, gate=gate)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.tap_out(self.resid_dropout(self.c_proj(y)))
@@ -178,15 +192,12 @@ class GPT(nn.Module):
         # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds.
         self.transformer.wte.weight = self.lm_head.weight
         torch.random.set_rng_state(rng_at_start)
-        gates = [block.attn.gate for block in self.transformer.h if block.attn.gate is not None]
-        for module in self.modules():
-            if not any(module is g for g in gates):
-                self._init_weights(module)
+        self.apply(self._init_weights)  # HeadGate is neither Linear nor Embedding: initialised below
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
                 # GPT-2's scaled init: each block adds two residual branches, so keep their sum's variance flat.
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        for gate in gates:
+        for gate in (block.attn.gate for block in self.transformer.h if block.attn.gate is not None):
             # start every gate near gate_init; the small random weights let it learn from there
             torch.nn.init.normal_(gate.weight, mean=0.0, std=0.02)
             torch.nn.init.constant_(gate.bias, math.log(config.gate_init / (1.0 - config.gate_init)))
