@@ -234,13 +234,13 @@ def load_config(preset: str = "default", overrides: dict | None = None) -> RunCo
     """Defaults <- preset/TOML file <- overrides. Tables for other tools (TOOL_SECTIONS, e.g. a
     preset's [study]) are ignored here; any other unknown table or key is a ConfigError naming it."""
     doc = read_toml(preset)
+    for k, v in doc.items():
+        if not isinstance(v, dict):
+            raise ConfigError(f"{k} = {v!r} in {preset} must be inside a table: [model], [data] or [train]")
     unknown = sorted(k for k in doc if k not in SECTIONS and k not in TOOL_SECTIONS)
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] in {preset}; use [model], [data] or [train] "
                           f"(other tools read [{'], ['.join(TOOL_SECTIONS)}])")
     base = {k: v for k, v in doc.items() if k in SECTIONS}
-    for k, v in base.items():
-        if not isinstance(v, dict):
-            raise ConfigError(f"{k} in {preset} must be a table [{k}], not a value")
     cfg = apply_overrides(RunConfig(), base)
     return apply_overrides(cfg, overrides or {})

@@ -1,0 +1,229 @@
+"""Checkpoints: a run folder that a killed process never leaves half-written or inconsistent.
+
+A run folder holds
+    model.safetensors   the weights (safetensors: no code runs on load); the tied lm_head.weight is not
+                        stored (it is transformer.wte.weight), its metadata carries iter and step_id
+    config.json         RunConfig.to_dict() + format version + "tokenizer"/"dataset" meta (what `sample`
+                        and `eval` need to encode text), + the same iter/step_id
+    train_state.pt      the resume point, self-contained: the weights again, optimizer, GradScaler,
+                        iteration, best val loss, RNG and data-generator states, the run config.
+                        Plain tensors and Python types only, so torch.load(weights_only=True) reads it.
+    best/               model.safetensors + config.json of the best val loss so far
+
+Every file is written atomically (quietgpt.atomic: temp file, fsync, rename). train_state.pt is written
+first and is all that --resume reads, so a crash between the three files leaves either the old or the
+new resume point, never a mix of two steps (model.safetensors may then be one checkpoint behind
+train_state.pt; both are internally consistent, and the next save brings them level again).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_write, atomic_write_json
+from .config import SECTIONS, RunConfig
+from .errors import QuietError
+from .model import GPT, GPTConfig
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, STATE, BEST = "model.safetensors", "config.json", "train_state.pt", "best"
+TIED = {"lm_head.weight": "transformer.wte.weight"}  # stored once, under the value's name
+# model settings that change the parameters' meaning or shapes: a resume must not change them
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "attention", "softmax_n",
+             "clip_gamma", "clip_zeta", "gelu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """"cpu" | "cuda" | "cuda:N" | "mps" | "auto" -> a torch.device that exists here, or a one-line QuietError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise QuietError(f"device {name!r} is not available here (no CUDA GPU visible to torch); "
+                             "use --device cpu or auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise QuietError(f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} "
+                             "GPU(s), use cuda:0..")
+        return dev
+    if name == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise QuietError("device 'mps' is not available here (no Apple GPU); use --device cpu or auto")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise QuietError(f"unknown device {name!r}; choose cpu, cuda, cuda:N, mps or auto")
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _weights(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict as safetensors wants it: contiguous CPU tensors, each storage once."""
+    sd = model.state_dict()
+    for tied, kept in TIED.items():
+        if tied in sd and kept in sd and sd[tied].data_ptr() == sd[kept].data_ptr():
+            del sd[tied]
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(out_dir, model: GPT, cfg: RunConfig, train_state: dict | None = None, *,
+                    best: bool = False, extras: dict | None = None) -> None:
+    """Write model.safetensors + config.json (+ train_state.pt when `train_state` is given) in out_dir,
+    or in out_dir/best with best=True (weights and config only).
+
+    train_state: plain types/tensors (iter, optimizer state dict, RNG states, ...); the weights and the
+    run config are added here so the file alone is a complete resume point. extras: JSON-able entries for
+    config.json (e.g. {"tokenizer": ..., "dataset": ...}). Raises QuietError on an unwritable folder or a
+    full disk, leaving the previous files intact.
+    """
+    folder = Path(out_dir) / BEST if best else Path(out_dir)
+    state = dict(train_state or {})
+    step_id = state.setdefault("step_id", uuid.uuid4().hex)
+    it = int(state.get("iter", -1))
+    if train_state is not None and not best:
+        state.update(format_version=FORMAT_VERSION, config=cfg.to_dict(), extras=dict(extras or {}),
+                     model={k: v.detach().to("cpu") for k, v in model.state_dict().items()})
+        atomic_write(folder / STATE, lambda tmp: torch.save(state, tmp))
+    tensors = _weights(model)
+    meta = {"format": "quietgpt", "format_version": str(FORMAT_VERSION), "iter": str(it), "step_id": step_id}
+
+    def write_weights(tmp: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, tmp, metadata=meta)
+
+    atomic_write(folder / WEIGHTS, write_weights)
+    doc = {**(extras or {}), **cfg.to_dict(), "format": "quietgpt", "format_version": FORMAT_VERSION,
+           "iter": it, "step_id": step_id}
+    atomic_write_json(folder / CONFIG, doc)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_config(ckpt_dir) -> dict:
+    """config.json of a checkpoint folder as a dict (run config sections + tokenizer/dataset meta)."""
+    path = Path(ckpt_dir) / CONFIG
+    if not Path(ckpt_dir).is_dir():
+        raise QuietError(f"checkpoint folder {ckpt_dir} does not exist; pass a training output folder")
+    if not path.is_file():
+        raise QuietError(f"{ckpt_dir} is not a checkpoint ({CONFIG} missing); pass a folder written by "
+                         "`quietgpt train`")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QuietError(f"{path} is unreadable or corrupt ({e}); restore it or re-train") from None
+    if not isinstance(doc, dict) or doc.get("format") != "quietgpt" or "model" not in doc:
+        raise QuietError(f"{path} is not a quietgpt checkpoint config; pass a folder written by `quietgpt train`")
+    if int(doc.get("format_version", 0)) > FORMAT_VERSION:
+        raise QuietError(f"{path} has format version {doc.get('format_version')}, newer than this quietgpt "
+                         f"reads ({FORMAT_VERSION}); upgrade quietgpt")
+    return doc
+
+
+def run_config_of(doc: dict) -> RunConfig:
+    """The RunConfig stored in a config.json / train_state dict (extra entries ignored)."""
+    try:
+        return RunConfig.from_dict({k: v for k, v in doc.items() if k in SECTIONS})
+    except QuietError as e:
+        raise QuietError(f"checkpoint config is invalid: {e}") from None
+
+
+def _new_model(mcfg: GPTConfig) -> GPT:
+    # GPT.__init__ draws initial weights from the global RNG; loading must not perturb the caller's.
+    with torch.random.fork_rng(devices=[]):
+        return GPT(mcfg)
+
+
+def load_model(ckpt_dir, device: str = "cpu") -> tuple[GPT, RunConfig]:
+    """The model in ckpt_dir (a run folder or its best/), in eval mode on `device`, and its RunConfig.
+
+    Raises QuietError (one line) when the folder, config.json or model.safetensors is missing,
+    truncated or corrupt, or when the weights do not fit the stored architecture.
+    """
+    doc = read_config(ckpt_dir)
+    cfg = run_config_of(doc)
+    path = Path(ckpt_dir) / WEIGHTS
+    if not path.is_file():
+        raise QuietError(f"{ckpt_dir} has no {WEIGHTS}; pass a folder written by `quietgpt train`")
+    try:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
+        raise QuietError(f"{path} is truncated or corrupt ({' '.join(str(e).split())[:120]}); restore it "
+                         "or re-train") from None
+    model = _new_model(cfg.model)
+    _load_weights(model, tensors, str(path))
+    return model.to(resolve_device(device)).eval(), cfg
+
+
+def _load_weights(model: GPT, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy `tensors` (tied entries stored once) into model, checking names and shapes first."""
+    expected = model.state_dict()
+    for tied in TIED:
+        expected.pop(tied, None)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - set(TIED))
+    if missing or unexpected:
+        name = (missing or unexpected)[0]
+        how = "missing" if missing else "unexpected"
+        raise QuietError(f"{where} does not match the model in its config.json ({how} tensor {name}); "
+                         "the checkpoint is from another architecture or damaged")
+    for k, v in expected.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise QuietError(f"{where}: tensor {k} has shape {tuple(tensors[k].shape)}, the config says "
+                             f"{tuple(v.shape)}; the checkpoint is from another architecture or damaged")
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(tensors[k])  # state_dict() tensors share storage with the parameters (and the tie)
+
+
+def load_train_state(out_dir) -> dict:
+    """train_state.pt of a run folder (weights_only: tensors and plain types only), or a QuietError when it
+    is missing, truncated, corrupt or not a quietgpt resume point."""
+    path = Path(out_dir) / STATE
+    if not path.is_file():
+        raise QuietError(f"nothing to resume in {out_dir} ({STATE} missing); run without --resume to start "
+                         "fresh, or pass the --out of an earlier run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, a pickle weights_only refuses, I/O error, ...
+        raise QuietError(f"{path} is truncated, corrupt or unsafe ({' '.join(str(e).split())[:120]}); "
+                         "restore it or start a fresh run in another --out") from None
+    needed = ("format_version", "iter", "model", "optimizer", "config", "rng")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise QuietError(f"{path} is not a quietgpt resume point; start a fresh run in another --out")
+    if int(state["format_version"]) > FORMAT_VERSION:
+        raise QuietError(f"{path} has format version {state['format_version']}, newer than this quietgpt reads; "
+                         "upgrade quietgpt")
+    return state
+
+
+def check_compatible(saved: dict, cfg: RunConfig, where) -> None:
+    """QuietError unless a run config dict `saved` (from a checkpoint) has the same architecture as cfg."""
+    model = saved.get("model", {})
+    for key in ARCH_KEYS:
+        if key in model and model[key] != getattr(cfg.model, key):
+            hint = ("the data's vocabulary differs from the checkpoint's" if key == "vocab_size"
+                    else "resume with the same model settings")
+            raise QuietError(f"checkpoint in {where} has model.{key}={model[key]!r} but this run has "
+                             f"{getattr(cfg.model, key)!r}; {hint}, or choose another --out")
+
+
+def load_state_into(model: GPT, state: dict, where) -> None:
+    """Load train_state["model"] into model (strict), as a one-line QuietError on any mismatch."""
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise QuietError(f"weights in {where}/{STATE} do not fit this model ({' '.join(str(e).split())[:120]}); "
+                         "resume with the same model settings or choose another --out") from None
