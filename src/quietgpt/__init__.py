@@ -5,6 +5,7 @@ Import flow is one way: softmax <- attention <- model <- training / metrics / qu
 
 from .attention import VARIANTS, QuietAttention, attention, reference_attention, select_path
 from .errors import ConfigError, QuietError
+from .metrics import Measurement, measure
 from .model import GPT, GPTConfig
 from .softmax import clipped_softmax, softmax1, softmax_n
 
@@ -15,11 +16,13 @@ __all__ = [
     "VARIANTS",
     "ConfigError",
     "GPTConfig",
+    "Measurement",
     "QuietAttention",
     "QuietError",
     "__version__",
     "attention",
     "clipped_softmax",
+    "measure",
     "reference_attention",
     "select_path",
     "softmax1",

@@ -260,9 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, mps or auto")
     p.add_argument("--quant", help="comma-separated quantization sweep (default: the preset's, e.g. "
                    "w8a8,w6a8,w4a8; '' for none)")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=int,
                    help="runs at a time: a local process pool (CPU threads split between runs, one GPU per run "
-                        "when there are several); with --launcher slurm, the array's parallelism")
+                        "when there are several); default: one per CPU core on CPU, one per GPU on CUDA; "
+                        "with --launcher slurm, the array's parallelism (default 1)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="where runs execute: this machine, or a SLURM job array via submitit (pip install "
                         "'quietgpt[slurm]')")
