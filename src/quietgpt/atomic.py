@@ -50,6 +50,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise QuietError(f"cannot write {path}: {e.strerror or e}; choose a writable output folder") from None
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; published files get the usual mode
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
@@ -67,6 +68,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove_quietly(p: str) -> None:

@@ -19,6 +19,7 @@ train_state.pt; both are internally consistent, and the next save brings them le
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def _weights(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out_dir, model: GPT, cfg: RunConfig, train_state: dict | None = None, *,
-                    best: bool = False, extras: dict | None = None) -> None:
+                    best: bool = False, extras: dict | None = None, write_state: bool = True) -> None:
     """Write model.safetensors + config.json (+ train_state.pt when `train_state` is given) in out_dir,
     or in out_dir/best with best=True (weights and config only).
 
@@ -89,8 +90,11 @@ def save_checkpoint(out_dir, model: GPT, cfg: RunConfig, train_state: dict | Non
     state = dict(train_state or {})
     step_id = state.setdefault("step_id", uuid.uuid4().hex)
     it = int(state.get("iter", -1))
-    if train_state is not None and not best:
-        state.update(format_version=FORMAT_VERSION, config=cfg.to_dict(), extras=dict(extras or {}),
+    # extras end up inside train_state.pt, which torch.load(weights_only=True) reads back: a JSON round
+    # trip turns numpy scalars (and anything else exotic) into plain types it accepts.
+    extras = json.loads(json.dumps(extras or {}, default=float))
+    if train_state is not None and not best and write_state:
+        state.update(format_version=FORMAT_VERSION, config=cfg.to_dict(), extras=dict(extras),
                      model={k: v.detach().to("cpu") for k, v in model.state_dict().items()})
         atomic_write(folder / STATE, lambda tmp: torch.save(state, tmp))
     tensors = _weights(model)
@@ -105,6 +109,44 @@ def save_checkpoint(out_dir, model: GPT, cfg: RunConfig, train_state: dict | Non
     doc = {**(extras or {}), **cfg.to_dict(), "format": "quietgpt", "format_version": FORMAT_VERSION,
            "iter": it, "step_id": step_id}
     atomic_write_json(folder / CONFIG, doc)
+
+
+def published_step_ids(folder) -> tuple[str | None, str | None]:
+    """step_id of folder's model.safetensors (its metadata) and of its config.json; None where a file is
+    missing or unreadable."""
+    folder = Path(folder)
+    weights = config = None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            weights = (f.metadata() or {}).get("step_id")
+    except Exception:  # missing, truncated or not safetensors: it needs rewriting either way
+        pass
+    try:
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8")).get("step_id")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return weights, config
+
+
+def republish(out_dir, model: GPT, cfg: RunConfig, state: dict, *, extras: dict | None = None) -> bool:
+    """Make out_dir's model.safetensors and config.json match the resume point `state` (whose weights are
+    already in `model`). A crash after train_state.pt was written but before the weights or config were
+    leaves them one checkpoint behind; resuming must not carry that on. The same holds for best/ when the
+    resume point's save was also the best one. Returns True if it rewrote anything."""
+    sid = state.get("step_id")
+    if sid is None:
+        return False
+    published = {"iter": int(state["iter"]), "step_id": sid}
+    rewrote = False
+    if published_step_ids(out_dir) != (sid, sid):
+        save_checkpoint(out_dir, model, cfg, published, extras=extras, write_state=False)
+        rewrote = True
+    if state.get("best_step_id") == sid and published_step_ids(Path(out_dir) / BEST) != (sid, sid):
+        save_checkpoint(out_dir, model, cfg, published, best=True, extras=extras)
+        rewrote = True
+    return rewrote
 
 
 # ----------------------------------------------------------------------------- loading
@@ -198,7 +240,7 @@ def load_train_state(out_dir) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, a pickle weights_only refuses, I/O error, ...
-        raise QuietError(f"{path} is truncated, corrupt or unsafe ({' '.join(str(e).split())[:120]}); "
+        raise QuietError(f"{path} is truncated, corrupt or unsafe ({_first_sentence(e)}); "
                          "restore it or start a fresh run in another --out") from None
     needed = ("format_version", "iter", "model", "optimizer", "config", "rng")
     if not isinstance(state, dict) or any(k not in state for k in needed):
@@ -207,6 +249,14 @@ def load_train_state(out_dir) -> dict:
         raise QuietError(f"{path} has format version {state['format_version']}, newer than this quietgpt reads; "
                          "upgrade quietgpt")
     return state
+
+
+def _first_sentence(e: BaseException, limit: int = 120) -> str:
+    """An exception's message as one short plain line (torch's carry ANSI escapes and long advice)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    text = " ".join(text.split())
+    text = re.split(r"(?<=[.;])\s", text, maxsplit=1)[0]
+    return text[:limit] or type(e).__name__
 
 
 def check_compatible(saved: dict, cfg: RunConfig, where) -> None:

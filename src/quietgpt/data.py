@@ -472,7 +472,9 @@ def prepare(cfg: DataConfig) -> Dataset:
         **extra,
     }
     atomic_write_json(folder / "meta.json", meta)
-    return _load(folder, meta, reused=False)
+    # hand back exactly what a later, cached prepare reads (plain JSON types: numpy scalars from the
+    # synthetic statistics would otherwise leak into checkpoints)
+    return _load(folder, json.loads(json.dumps(meta, default=float)), reused=False)
 
 
 def check_length(dataset: Dataset, block_size: int) -> None:

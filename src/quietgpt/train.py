@@ -27,6 +27,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,16 @@ class RunLock:
             raise QuietError(f"output folder {self.folder} is not writable ({e.strerror or e}); "
                              "choose another --out") from None
         self._fd = fd
+        self._remove_stale_temporaries()
         return self
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete temporary files that a killed writer left (quietgpt.atomic's `.<name>.*.tmp`): with the
+        lock held, no live writer can own one."""
+        for sub in (self.folder, self.folder / "best"):
+            for tmp in sub.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     def _lock_once(self) -> int | None:
         """An fd holding the lock, or None when the file was replaced under us (try again)."""
@@ -460,6 +470,7 @@ def _train(cfg: RunConfig, device: torch.device, d: _Dist, *, resume: bool, prog
 
     # Check the resume point (or that we are not about to overwrite one) before any work.
     state = None
+    best_sid: list[str | None] = [None]  # step_id of the save that wrote best/ (kept in train_state)
     if resume:
         state = ckpt.load_train_state(out)
     elif d.master and _has_checkpoint(out):
@@ -495,6 +506,9 @@ def _train(cfg: RunConfig, device: torch.device, d: _Dist, *, resume: bool, prog
     torch.manual_seed(derive_seed(tc.seed, DROPOUT_STREAM + d.rank))
     if state is not None:
         ckpt.load_state_into(model, state, out)
+        best_sid[0] = state.get("best_step_id")
+        if d.master:
+            ckpt.republish(out, model, cfg, state, extras=extras)
     model.to(device)
     base_model = model
     optimizer = model.configure_optimizers(tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), device.type)
@@ -563,10 +577,17 @@ def _train(cfg: RunConfig, device: torch.device, d: _Dist, *, resume: bool, prog
             "wall_s": prior_wall + time.perf_counter() - t_loop, "world_size": d.world, "seed": tc.seed,
             "last_losses": dict(losses),
         }
-        ckpt.save_checkpoint(out, base_model, cfg, st, extras=extras)
-        last_good_iter = it
+        # train_state.pt first, then the published weights/config, then best/. A crash after the state
+        # landed leaves the others behind; resuming repairs them from the state (ckpt.republish), which
+        # knows whether this save was also the best.
+        sid = uuid.uuid4().hex
         if best:
-            ckpt.save_checkpoint(out, base_model, cfg, {"iter": it}, best=True, extras=extras)
+            best_sid[0] = sid
+        st.update(step_id=sid, best_step_id=best_sid[0])
+        ckpt.save_checkpoint(out, base_model, cfg, st, extras=extras)
+        if best:
+            ckpt.save_checkpoint(out, base_model, cfg, {"iter": it, "step_id": sid}, best=True, extras=extras)
+        last_good_iter = it
 
     def nonfinite(it: int, what: str, detail: str = "") -> NonFiniteError:
         kept = (f"the last good checkpoint (iteration {last_good_iter}) in {out} is kept"
