@@ -205,11 +205,11 @@ def reference_attention(
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = (q.to(cd) @ k.to(cd).transpose(-2, -1)) * scale
+    scores = (q.to(cd) * scale) @ k.to(cd).transpose(-2, -1)  # scaling q is T x D work, not T x T
     if is_causal:
         T, Tk = q.shape[-2], k.shape[-2]
-        keep = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
+        future = torch.ones(T, Tk, dtype=torch.bool, device=q.device).triu(1)
+        scores.masked_fill_(future, float("-inf"))  # in place: matmul's backward needs q and k, not scores
     if isinstance(log_n, Tensor):
         log_n = log_n.unsqueeze(-1)  # (H, 1) per-row logits -> (H, 1, 1) against (B, H, T, Tk) scores
     probs = _probabilities(scores, variant, log_n, gamma, zeta)

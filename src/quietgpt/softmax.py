@@ -38,22 +38,31 @@ def softmax_with_null(x: Tensor, log_n: Tensor | float, dim: int = -1) -> Tensor
 
     `log_n` is the logit of the null entry: a float, or a tensor broadcastable against `x` with size 1
     along `dim` (a learned per-head sink logit, say). log_n = -inf gives ordinary softmax.
-    Shifting by m = max(max_j x_j, log_n) keeps every exponent <= 0, so neither term overflows, and
-    the largest term is exactly 1, so the denominator never underflows to 0. Rows that are entirely
-    -inf give zeros when log_n is finite and NaN when log_n = -inf (as torch.softmax does).
-    Gradients flow to x and, if it is a tensor that requires grad, to log_n.
+    Rows that are entirely -inf give zeros when log_n is finite and NaN when log_n = -inf (as
+    torch.softmax does). Gradients flow to x and, if it is a tensor that requires grad, to log_n.
+
+    Computed through the identity the fast attention path also uses,
+        softmax_n(x) = softmax(x) * sigmoid(LSE(x) - log n),
+    with torch's fused, max-shifted softmax (it never overflows, and it is fast where masked -inf
+    entries make a plain exp slow) and the row's log-sum-exp read off its largest probability:
+    p_max = exp(max(x) - LSE), so LSE = max(x) - log(p_max), with p_max >= 1/len well conditioned.
     """
     dtype = x.dtype
     xc = x.to(_compute_dtype(x))
-    if isinstance(log_n, Tensor):
-        ln = log_n.to(xc.dtype)
-    else:
-        ln = torch.tensor(float(log_n), dtype=xc.dtype, device=x.device)
-    # m only shifts the exponents; the result does not depend on it, so it gets no gradient.
-    m = torch.maximum(xc.detach().amax(dim=dim, keepdim=True), ln.detach())
-    e = torch.exp(xc - m)
-    denom = torch.exp(ln - m) + e.sum(dim=dim, keepdim=True)
-    return (e / denom).to(dtype)
+    ln = log_n.to(xc.dtype) if isinstance(log_n, Tensor) else torch.tensor(float(log_n), dtype=xc.dtype,
+                                                                             device=x.device)
+    m = xc.amax(dim=dim, keepdim=True)
+    empty = m == -math.inf  # rows with nothing to attend to: softmax would be NaN there
+    has_empty = bool(empty.any())
+    if has_empty:
+        xc = xc.masked_fill(empty, 0.0)
+        m = m.masked_fill(empty, 0.0)
+    p = torch.softmax(xc, dim=dim)
+    lse = m - torch.log(p.amax(dim=dim, keepdim=True))
+    keep = torch.sigmoid(lse - ln)  # the share of the row's mass that goes to real entries
+    if has_empty:  # all mass on the null entry (0 for every real one), or NaN when there is no null
+        keep = torch.where(empty, torch.where(ln == -math.inf, math.nan, 0.0), keep)
+    return (p * keep).to(dtype)
 
 
 def softmax_n(x: Tensor, n: float = 1.0, dim: int = -1) -> Tensor:
