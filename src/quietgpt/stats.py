@@ -1,0 +1,194 @@
+"""Statistics for a study: means with confidence intervals over seeds, paired comparisons, verdicts.
+
+A study trains every attention variant once per seed, from the same initial weights and the same data
+order (a paired design), so the honest comparison of variant A with the baseline B is on the per-seed
+differences d_s = A_s - B_s:
+
+    mean_ci(values)        mean and 95% Student-t confidence interval (n = 1: the interval is undefined, None)
+    paired(a, b)           mean difference with its 95% t interval, the paired t-test p-value
+                           (scipy.stats.ttest_rel) and the exact sign-flip permutation p-value over all
+                           2^n sign patterns (scipy.stats.permutation_test), which assumes no normality
+    verdict(...)           one sentence that claims no more than the interval supports
+
+Small n is the normal case here (3 seeds), so every result carries n, and the verdict says when the exact
+test cannot reach p < 0.05 at all (with n pairs its smallest two-sided p-value is 2 / 2^n: 0.25 for n = 3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+CONFIDENCE = 0.95
+EXACT_TEST = "exact sign-flip permutation"
+
+
+def _finite(values: Sequence[float | None]) -> np.ndarray:
+    """float64 array of the finite values (None, NaN and inf dropped: a failed run has no value)."""
+    out = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return np.asarray(out, dtype=np.float64)
+
+
+def t_interval(x: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float | None, float | None]:
+    """Two-sided Student-t interval for the mean of x: mean -+ t_{n-1, (1+c)/2} * sd / sqrt(n).
+
+    None, None when n < 2 (no spread can be estimated from one value); a zero-width interval when all
+    values are equal.
+    """
+    n = len(x)
+    if n < 2:
+        return None, None
+    m = float(np.mean(x))
+    half = float(sps.t.ppf((1.0 + confidence) / 2.0, n - 1)) * float(np.std(x, ddof=1)) / math.sqrt(n)
+    return m - half, m + half
+
+
+def mean_ci(values: Sequence[float | None], confidence: float = CONFIDENCE) -> dict:
+    """{mean, ci95_low, ci95_high, n, sd} over the finite values; mean None when there are none,
+    interval and sd None when n < 2."""
+    x = _finite(values)
+    n = len(x)
+    lo, hi = t_interval(x, confidence)
+    return {
+        "mean": float(np.mean(x)) if n else None,
+        "ci95_low": lo,
+        "ci95_high": hi,
+        "n": n,
+        "sd": float(np.std(x, ddof=1)) if n >= 2 else None,
+    }
+
+
+def sign_flip_pvalue(d: np.ndarray) -> float | None:
+    """Exact two-sided sign-flip permutation p-value of mean(d) = 0 over all 2^n sign patterns.
+
+    Under the null (no difference between the paired variants) each difference is as likely to be
+    positive as negative, so flipping signs enumerates the null distribution exactly. None when n < 1.
+    """
+    if len(d) < 1:
+        return None
+    if np.all(d == 0):
+        return 1.0
+    res = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf,
+                               alternative="two-sided")
+    return float(min(1.0, res.pvalue))
+
+
+def min_exact_pvalue(n: int) -> float:
+    """The smallest two-sided p-value the exact sign-flip test can give with n pairs: 2 / 2^n."""
+    return min(1.0, 2.0 / 2.0**n)
+
+
+def paired(a: Mapping[int, float | None], b: Mapping[int, float | None],
+           confidence: float = CONFIDENCE) -> dict:
+    """Compare a with b, paired by key (the seed): only seeds where both have a finite value count.
+
+    Returns {diff_mean, ci95_low, ci95_high, n, p_value (paired t-test), p_exact (sign-flip),
+    min_p_exact, b_mean, seeds}. diff = a - b. p-values None when n < 2; with zero spread in the
+    differences the t-test is undefined (p_value None) and the interval has zero width.
+    """
+    seeds = sorted(s for s in a if s in b and _finite([a[s]]).size and _finite([b[s]]).size)
+    xa = np.asarray([float(a[s]) for s in seeds], dtype=np.float64)
+    xb = np.asarray([float(b[s]) for s in seeds], dtype=np.float64)
+    d = xa - xb
+    n = len(d)
+    lo, hi = t_interval(d, confidence)
+    p_t = None
+    if n >= 2 and float(np.std(d, ddof=1)) > 0:
+        p_t = float(sps.ttest_rel(xa, xb).pvalue)
+    return {
+        "diff_mean": float(np.mean(d)) if n else None,
+        "ci95_low": lo,
+        "ci95_high": hi,
+        "n": n,
+        "p_value": p_t,
+        "p_exact": sign_flip_pvalue(d) if n >= 2 else None,
+        "min_p_exact": min_exact_pvalue(n) if n >= 1 else None,
+        "b_mean": float(np.mean(xb)) if n else None,
+        "seeds": seeds,
+    }
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    """A number for humans: `digits` significant digits, 'n/a' for None."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if x == 0:
+        return "0"
+    if abs(x) >= 10**digits or abs(x) < 10 ** -(digits + 1):
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"
+
+
+def verdict(metric_label: str, a: str, b: str, cmp: dict) -> str:
+    """One plain sentence about `a` vs `b` on one metric that claims no more than `cmp` supports.
+
+    A direction ("lowers" / "raises") is claimed only when the 95% interval of the paired difference
+    excludes 0; otherwise the sentence says the interval includes 0. With n < 2 it says so and claims
+    nothing. The exact test's p-value is quoted with its floor (2 / 2^n) so nobody reads p = 0.25 at
+    n = 3 as evidence against a difference.
+    """
+    n = cmp["n"]
+    if n < 2 or cmp["ci95_low"] is None:
+        return (f"not enough seeds to compare {a} with {b} on {metric_label} "
+                f"(n={n} paired seeds; need at least 2)")
+    lo, hi, m = cmp["ci95_low"], cmp["ci95_high"], cmp["diff_mean"]
+    ci = f"95% CI {fmt(lo)}..{fmt(hi)}"
+    exact = f"exact sign-flip p={fmt(cmp['p_exact'], 2)}"
+    if cmp["p_exact"] is not None and cmp["min_p_exact"] is not None and cmp["min_p_exact"] >= 0.05:
+        exact += f", which cannot go below {fmt(cmp['min_p_exact'], 2)} with n={n}"
+    pt = "paired t undefined (no spread)"
+    if cmp["p_value"] is not None:
+        pt = f"paired t p={fmt(cmp['p_value'], 2)}"
+    if lo > 0 or hi < 0:
+        word = "raises" if m > 0 else "lowers"
+        rel = ""
+        b_mean = cmp.get("b_mean")
+        if b_mean and abs(m) <= 10 * abs(b_mean):  # a percentage of a near-zero baseline means nothing
+            rel = f", {abs(m) / abs(b_mean) * 100:.3g}% of {b}'s mean"
+        return f"{a} {word} {metric_label} by {fmt(abs(m))} vs {b}{rel} ({ci}, n={n}, {pt}; {exact})"
+    if lo == hi == 0:
+        return f"no difference: {a} and {b} give identical {metric_label} on all n={n} seeds"
+    return (f"no significant difference between {a} and {b} in {metric_label} at this scale ({ci} includes 0, "
+            f"n={n}, {pt}; {exact})")
+
+
+# ----------------------------------------------------------------------------- over a study's runs
+
+
+def summarize(runs: Sequence[Mapping], metrics: Sequence[str], variants: Sequence[str]) -> dict:
+    """{metric: {variant: mean_ci(values over that variant's ok runs)}}; failed runs do not count."""
+    out: dict = {}
+    for metric in metrics:
+        out[metric] = {}
+        for v in variants:
+            vals = [r.get(metric) for r in runs if r["variant"] == v and r.get("status") == "ok"]
+            out[metric][v] = mean_ci(vals)
+    return out
+
+
+def compare(runs: Sequence[Mapping], metrics: Sequence[str], variants: Sequence[str], baseline: str,
+            labels: Mapping[str, str] | None = None) -> list[dict]:
+    """Every variant other than `baseline` against it, per metric, paired by seed:
+    [{metric, a, b, diff_mean, ci95_low, ci95_high, n, p_value, p_exact, test, verdict, ...}]."""
+    labels = labels or {}
+    out = []
+    if baseline not in variants:
+        return out
+
+    def by_seed(v: str, metric: str) -> dict:
+        return {r["seed"]: r.get(metric) for r in runs if r["variant"] == v and r.get("status") == "ok"}
+
+    for metric in metrics:
+        for v in variants:
+            if v == baseline:
+                continue
+            c = paired(by_seed(v, metric), by_seed(baseline, metric))
+            out.append({
+                "metric": metric, "a": v, "b": baseline, **c,
+                "test": f"paired t-test (scipy.stats.ttest_rel); {EXACT_TEST} over all 2^n sign patterns",
+                "verdict": verdict(labels.get(metric, metric), v, baseline, c),
+            })
+    return out

@@ -1,0 +1,222 @@
+"""`quietgpt study` end to end on a micro study: paired runs, results contract, resume, failures, launchers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from quietgpt.cli import main
+from quietgpt.errors import QuietError
+
+HAVE_PIECES = all(importlib.util.find_spec(f"quietgpt.{m}") is not None
+                  for m in ("data", "train", "checkpoint", "metrics"))
+pytestmark = pytest.mark.skipif(not HAVE_PIECES, reason="quietgpt.data/train/checkpoint/metrics not written yet")
+
+CONTRACT = ["variant", "seed", "status", "error", "val_loss", "ppl", "ppl_w8a8", "weight_kurtosis_mean",
+            "weight_kurtosis_max", "act_inf_norm_max", "act_kurtosis_mean", "unassigned_mass_mean",
+            "tokens_per_s", "wall_s", "dir"]
+
+
+def tiny(cache: Path) -> dict:
+    """A model and run small enough that one (variant, seed) trains and measures in about a second."""
+    return {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
+            "train.batch_size": 4, "train.max_iters": 5, "train.lr_decay_iters": 5, "train.warmup_iters": 1,
+            "train.eval_interval": 5, "train.eval_iters": 2, "train.log_interval": 1,
+            "data.synthetic_tokens": 20000, "data.cache_dir": str(cache),
+            # one thread: tiny matmuls on a busy 2-core machine are much faster without thread contention
+            "train.threads": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads():
+    """train.threads=1 sets torch's process-wide thread count; give the rest of the suite its own back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_args(cache: Path) -> list[str]:
+    return [a for k, v in tiny(cache).items() for a in ("--set", f"{k}={v}")]
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """One micro study shared by the tests below: softmax1 and sink x 2 seeds, via the CLI."""
+    root = tmp_path_factory.mktemp("study")
+    out = root / "s"
+    rc = main(["study", "--out", str(out), "--variants", "softmax,softmax1,sink", "--seeds", "2", "--jobs", "1",
+               "--quant", "w8a8", *tiny_args(root / "cache")])
+    assert rc == 0
+    return out, root
+
+
+def _row(results, v, s):
+    return next(r for r in results["runs"] if r["variant"] == v and r["seed"] == s)
+
+
+@pytest.mark.slow
+def test_micro_study_end_to_end(micro):
+    out, _ = micro
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 6
+    for r in results["runs"]:
+        assert r["status"] == "ok", r.get("error")
+        assert set(CONTRACT) <= set(r)
+        d = out / r["dir"]
+        for f in ("model.safetensors", "metrics.jsonl", "summary.json", "eval.json", "attn_sample.npz",
+                  "result.json"):
+            assert (d / f).is_file(), f
+        ev = json.loads((d / "eval.json").read_text())
+        assert r["ppl"] == pytest.approx(ev["perplexity"]["fp"]) and r["ppl_w8a8"] == pytest.approx(
+            ev["perplexity"]["w8a8"])
+        assert r["val_loss"] == pytest.approx(json.loads((d / "summary.json").read_text())["val_loss"])
+    # softmax assigns all attention mass; softmax1 and sink can leave some on nothing
+    assert all(r["unassigned_mass_mean"] == pytest.approx(0.0, abs=1e-6)
+               for r in results["runs"] if r["variant"] == "softmax")
+    assert all(r["unassigned_mass_mean"] > 0 for r in results["runs"] if r["variant"] != "softmax")
+    assert set(results["summary"]["val_loss"]) == {"softmax", "softmax1", "sink"}
+    assert {(c["a"], c["b"]) for c in results["comparisons"]} == {("softmax1", "softmax"), ("sink", "softmax")}
+    assert all(c["n"] == 2 for c in results["comparisons"])
+    csv_lines = (out / "results.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 7
+    # the report: every plot inline in a parseable HTML page
+    imgs = []
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                imgs.append(dict(attrs)["src"])
+
+    P().feed((out / "report.html").read_text())
+    plots = sorted((out / "plots").glob("*.png"))
+    assert len(plots) == 7 and len(imgs) == 7  # incl. one unassigned-mass heatmap per null variant
+    assert all(src.startswith("data:image/png;base64,") for src in imgs)
+
+
+@pytest.mark.slow
+def test_paired_design_same_init_and_batches(micro):
+    """sink starts as softmax1 (sink logit 0), so with the same initial weights and the same first batch
+    their iteration-0 training loss must agree exactly, per seed, while different seeds differ."""
+    out, _ = micro
+
+    def first_loss(name):
+        rows = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        return next(r["loss"] for r in rows if r.get("iter") == 0 and "loss" in r)
+
+    for s in (0, 1):
+        assert first_loss(f"softmax1-s{s}") == pytest.approx(first_loss(f"sink-s{s}"), rel=1e-6)
+    assert first_loss("softmax1-s0") != pytest.approx(first_loss("softmax1-s1"), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_redoes_only_the_missing_run(micro):
+    out, root = micro
+    import shutil
+
+    before = json.loads((out / "results.json").read_text())
+    keep = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()
+            and "sink-s1" not in p.parts}
+    shutil.rmtree(out / "runs" / "sink-s1")
+    rc = main(["study", "--out", str(out), "--variants", "softmax,softmax1,sink", "--seeds", "2", "--jobs", "1",
+               "--quant", "w8a8", *tiny_args(root / "cache")])
+    assert rc == 0
+    assert (out / "runs" / "sink-s1" / "result.json").is_file()
+    for p, mtime in keep.items():
+        assert p.stat().st_mtime_ns == mtime, f"{p} was rewritten"
+    after = json.loads((out / "results.json").read_text())
+    # on CPU a run is a pure function of its config: the redone run reproduces its numbers
+    assert _row(after, "sink", 1)["val_loss"] == pytest.approx(_row(before, "sink", 1)["val_loss"], rel=1e-5)
+    assert _row(after, "softmax", 0) == _row(before, "softmax", 0)
+
+
+@pytest.mark.slow
+def test_changed_config_is_refused_then_forced(micro, capsys):
+    out, root = micro
+    args = ["study", "--out", str(out), "--variants", "softmax,softmax1,sink", "--seeds", "2", "--jobs", "1",
+            *tiny_args(root / "cache")]
+    capsys.readouterr()
+    assert main([*args, "--quant", ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another config" in err and "quant" in err and "--force" in err
+    results = json.loads((out / "results.json").read_text())
+    assert "ppl_w8a8" in results["runs"][0]  # nothing was touched
+    # --force: the same trained models (training is not redone), re-measured without the quantization sweep
+    weights = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/model.safetensors")}
+    assert len(weights) == 6
+    assert main([*args, "--quant", "", "--force"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert all(r["status"] == "ok" and "ppl_w8a8" not in r and r["ppl"] for r in results["runs"])
+    assert all(p.stat().st_mtime_ns == m for p, m in weights.items())
+
+
+@pytest.mark.slow
+def test_pool_of_two_and_a_failed_run_is_listed(tmp_path):
+    """jobs=2 runs in a process pool; a run whose folder cannot be made (a file is in the way) fails, and is
+    listed with its error rather than dropped; the other run is unaffected."""
+    from quietgpt.study import run_study
+
+    (tmp_path / "s" / "runs").mkdir(parents=True)
+    (tmp_path / "s" / "runs" / "softmax1-s0").write_text("in the way")
+    results = run_study(tmp_path / "s", variants=["softmax", "softmax1"], seeds=1, overrides=tiny(tmp_path / "c"),
+                        quant=[], jobs=2, progress=False)
+    ok, bad = _row(results, "softmax", 0), _row(results, "softmax1", 0)
+    assert ok["status"] == "ok" and ok["error"] is None, ok["error"]
+    assert bad["status"] == "failed" and "softmax1-s0" in bad["error"]
+    md = (tmp_path / "s" / "report.md").read_text()
+    assert "softmax1-s0" in md.split("## Failed runs")[1]
+    assert all(c["n"] == 0 and c["verdict"].startswith("not enough seeds") for c in results["comparisons"])
+
+
+@pytest.mark.slow
+def test_submitit_local_executor(tmp_path):
+    pytest.importorskip("submitit")
+    from quietgpt.study import run_study
+
+    results = run_study(tmp_path / "s", variants=["softmax"], seeds=1, overrides=tiny(tmp_path / "c"),
+                        quant=[], launcher="submitit-local", progress=False)
+    assert [r["status"] for r in results["runs"]] == ["ok"], [r.get("error") for r in results["runs"]]
+    assert len(list((tmp_path / "s" / "slurm").rglob("*_submitted.pkl"))) == 1  # went through submitit
+    assert (tmp_path / "s" / "report.html").is_file()
+
+
+def test_bad_study_options_are_one_line_errors(tmp_path, capsys):
+    from quietgpt.study import run_study
+
+    for kwargs, words in (({"variants": ["softmax", "nope"]}, "nope"), ({"seeds": 0}, "--seeds"),
+                          ({"jobs": 0}, "--jobs"), ({"overrides": {"train.seed": "3"}}, "train.seed"),
+                          ({"quant": ["w99a8"]}, "w99a8")):
+        with pytest.raises(QuietError, match=words):
+            run_study(tmp_path / "x", **kwargs, progress=False)
+    assert main(["study", "--out", str(tmp_path / "y"), "--preset", "nope"]) == 2
+    assert "unknown study preset" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "runs").exists()
+
+
+def test_slurm_launcher_errors_are_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from quietgpt.study import run_study
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if the slurm extra were not installed
+    with pytest.raises(QuietError, match=r"pip install 'quietgpt\[slurm\]'"):
+        run_study(tmp_path / "a", seeds=1, launcher="slurm", progress=False)
+    monkeypatch.delitem(sys.modules, "submitit")
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    with pytest.raises(QuietError, match="no sbatch"):
+        run_study(tmp_path / "b", seeds=1, launcher="slurm", progress=False)
+
+
+def test_one_study_at_a_time_per_folder(tmp_path):
+    from quietgpt.study import run_study
+    from quietgpt.train import RunLock
+
+    with RunLock(tmp_path / "s"), pytest.raises(QuietError, match="in use by another quietgpt run"):
+        run_study(tmp_path / "s", seeds=1, overrides=tiny(tmp_path / "c"), progress=False)
+    assert not (tmp_path / "s" / "study.json").exists()
