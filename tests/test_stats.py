@@ -121,3 +121,29 @@ def test_summarize_and_compare_over_runs():
     assert cmp["ci95_low"] == pytest.approx(0.5) and "raises the metric" in cmp["verdict"]
     for key in ("metric", "a", "b", "diff_mean", "ci95_low", "ci95_high", "p_value", "test", "verdict"):
         assert key in cmp
+
+
+def test_holm_against_hand_computed_and_bonferroni_bound():
+    from quietgpt.stats import holm
+
+    # sorted p: 0.01, 0.02, 0.04 (m = 3): 0.03, max(0.03, 0.04) = 0.04, max(0.04, 0.04) = 0.04
+    assert holm([0.04, 0.01, None, 0.02]) == pytest.approx([0.04, 0.03, None, 0.04])
+    rng = np.random.default_rng(0)
+    p = list(rng.uniform(0, 0.2, 12))
+    adj = holm(p)
+    for raw, a in zip(p, adj):
+        assert raw <= a <= min(1.0, 12 * raw) + 1e-12  # between raw and Bonferroni
+    order = np.argsort(p)
+    assert all(adj[order[i]] <= adj[order[i + 1]] for i in range(11))  # monotone in the raw order
+
+
+def test_verdict_flags_claims_that_do_not_survive_holm():
+    from quietgpt.stats import paired, verdict
+
+    c = paired({0: 1.10, 1: 1.21, 2: 1.32}, {0: 1.0, 1: 1.1, 2: 1.2})  # CI of the difference excludes 0
+    assert c["ci95_low"] > 0
+    c.update(p_holm=0.4, n_tests=20)
+    v = verdict("loss", "softmax1", "softmax", c)
+    assert v.startswith("softmax1 raises loss") and "Holm" in v and "20 comparisons" in v
+    c.update(p_holm=0.01)
+    assert "Holm" not in verdict("loss", "softmax1", "softmax", c)

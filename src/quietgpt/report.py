@@ -383,8 +383,9 @@ def build_document(results: dict, plots: list[tuple[str, str]]) -> list[tuple]:
         f"seeds: {', '.join(str(s) for s in cfg.get('seeds', []))} (paired design: for each seed every variant "
         "starts from the same shared initial weights and sees the same batches in the same order)",
         f"data: {run_cfg.get('data', {}).get('source')} (tokenizer {run_cfg.get('data', {}).get('tokenizer')})"
-        + (f"; irreducible loss of the synthetic task {fmt(irreducible[0])} nats/token (the floor for "
-           "validation loss)" if irreducible else ""),
+        + (f"; irreducible loss of the synthetic task {fmt(irreducible[0])} nats/token (a lower bound "
+           "for the validation loss; a model that sees only its context window cannot quite reach it)"
+           if irreducible else ""),
         f"model: {model.get('n_layer')} layers, {model.get('n_head')} heads, {model.get('n_embd')} wide, "
         f"context {model.get('block_size')}; training: {train.get('max_iters')} iterations of batch "
         f"{train.get('batch_size')}, lr {train.get('learning_rate')}",

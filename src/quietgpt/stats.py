@@ -148,7 +148,11 @@ def verdict(metric_label: str, a: str, b: str, cmp: dict) -> str:
         b_mean = cmp.get("b_mean")
         if b_mean and abs(m) <= 10 * abs(b_mean):  # a percentage of a near-zero baseline means nothing
             rel = f", {abs(m) / abs(b_mean) * 100:.3g}% of {b}'s mean"
-        return f"{a} {word} {metric_label} by {fmt(abs(m))} vs {b}{rel} ({ci}, n={n}, {pt}; {exact})"
+        caveat = ""
+        if cmp.get("p_holm") is not None and cmp["p_holm"] >= 0.05:
+            caveat = (f"; not significant after Holm's correction for the {cmp['n_tests']} comparisons "
+                      f"of this study (adjusted p={fmt(cmp['p_holm'], 2)}), so treat it as a lead, not a finding")
+        return f"{a} {word} {metric_label} by {fmt(abs(m))} vs {b}{rel} ({ci}, n={n}, {pt}; {exact}){caveat}"
     if lo == hi == 0:
         return f"no difference: {a} and {b} give identical {metric_label} on all n={n} seeds"
     return (f"no significant difference between {a} and {b} in {metric_label} at this scale ({ci} includes 0, "
@@ -181,14 +185,29 @@ def compare(runs: Sequence[Mapping], metrics: Sequence[str], variants: Sequence[
     def by_seed(v: str, metric: str) -> dict:
         return {r["seed"]: r.get(metric) for r in runs if r["variant"] == v and r.get("status") == "ok"}
 
-    for metric in metrics:
-        for v in variants:
-            if v == baseline:
-                continue
-            c = paired(by_seed(v, metric), by_seed(baseline, metric))
-            out.append({
-                "metric": metric, "a": v, "b": baseline, **c,
-                "test": f"paired t-test (scipy.stats.ttest_rel); {EXACT_TEST} over all 2^n sign patterns",
-                "verdict": verdict(labels.get(metric, metric), v, baseline, c),
-            })
+    pairs = [(m, v) for m in metrics for v in variants if v != baseline]
+    cmps = [paired(by_seed(v, m), by_seed(baseline, m)) for m, v in pairs]
+    # Many metrics x variants are tested at once: about 1 in 20 intervals excludes 0 by chance alone.
+    for c, adj in zip(cmps, holm([c["p_value"] for c in cmps])):
+        c["p_holm"], c["n_tests"] = adj, sum(c2["p_value"] is not None for c2 in cmps)
+    for (metric, v), c in zip(pairs, cmps):
+        out.append({
+            "metric": metric, "a": v, "b": baseline, **c,
+            "test": f"paired t-test (scipy.stats.ttest_rel); {EXACT_TEST} over all 2^n sign patterns; "
+                    "p_holm: t-test p adjusted by Holm's step-down method over all comparisons",
+            "verdict": verdict(labels.get(metric, metric), v, baseline, c),
+        })
+    return out
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (family-wise error control); None entries stay None and do not
+    count as tests. adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)) over the sorted p-values."""
+    idx = [i for i, p in enumerate(p_values) if p is not None and math.isfinite(p)]
+    m = len(idx)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        out[i] = running
     return out
