@@ -220,3 +220,52 @@ def test_one_study_at_a_time_per_folder(tmp_path):
     with RunLock(tmp_path / "s"), pytest.raises(QuietError, match="in use by another quietgpt run"):
         run_study(tmp_path / "s", seeds=1, overrides=tiny(tmp_path / "c"), progress=False)
     assert not (tmp_path / "s" / "study.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_study_leaves_no_orphan_workers(tmp_path):
+    """SIGKILL a study running a 2-worker pool: the kernel takes its workers down too (PR_SET_PDEATHSIG),
+    so no orphan keeps training into a run folder the restarted study will redo."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    args = {**tiny(tmp_path / "cache"), "train.max_iters": 100000, "train.lr_decay_iters": 100000,
+            "train.eval_interval": 100000}
+    cmd = [sys.executable, "-m", "quietgpt", "study", "--out", str(tmp_path / "s"), "--variants",
+           "softmax,softmax1", "--seeds", "1", "--jobs", "2", "--quant", "w8a8"]
+    cmd += [a for k, v in args.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == proc.pid:
+                pids.append(int(stat.parent.name))
+        return pids
+
+    deadline = time.time() + 90
+    workers: list[int] = []
+    runs = tmp_path / "s" / "runs"
+    while time.time() < deadline and (len(workers) < 2 or len(list(runs.glob("*/.lock"))) < 2):
+        workers = [p for p in children() if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")]
+        time.sleep(0.2)
+    assert len(workers) >= 2 and len(list(runs.glob("*/.lock"))) == 2, "the pool never started training"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+        time.sleep(0.1)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists()
+             and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"orphaned pool workers survived the study: {alive}"

@@ -286,14 +286,22 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
     try:
-        return int(args.fn(args) or 0)
+        code = int(args.fn(args) or 0)
     except QuietError as e:
         msg = " ".join(str(e).split())  # one line, whatever the message
         print(f"quietgpt {args.verb}: error: {msg}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print(f"quietgpt {args.verb}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun the process group is already destroyed and every file is written and synced;
+        # the C++ static destructors of gloo's threads can still abort a rank at interpreter shutdown
+        # ("terminate called without an active exception", exit -6), failing a finished job. Skip them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

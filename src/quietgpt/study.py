@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -407,10 +408,24 @@ def _finished(study_dir: Path, spec: dict, variant: str, seed: int) -> dict | No
 _WORKER_THREADS = 0
 
 
-def _init_worker(threads: int, gpu_queue) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this worker when the study process dies (killed, preempted), so no
+    orphan keeps training into a run folder that the restarted study is about to redo."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the study died while this worker was still starting up
+        os._exit(1)
+
+
+def _init_worker(threads: int, gpu_queue, parent: int) -> None:
     """Pool worker start: its share of CPU threads, and its own GPU when there are several."""
     global _WORKER_THREADS
     _WORKER_THREADS = threads
+    _die_with_parent(parent)
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
 
@@ -453,7 +468,7 @@ def _run_pool(spec, todo, study_dir: Path, jobs: int, on_done) -> None:
         for i in range(jobs):
             gpu_queue.put(i % n_gpu)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(threads, gpu_queue)) as pool:
+                             initargs=(threads, gpu_queue, os.getpid())) as pool:
         futs = {pool.submit(_pool_run, spec, v, s, str(study_dir)): (v, s) for v, s in todo}
         for fut in as_completed(futs):
             v, s = futs[fut]

@@ -444,15 +444,27 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     device = ckpt.resolve_device(tc.device)
     d, device = _dist_setup(tc, device)
     lock = RunLock(tc.out_dir)
+    finished = False
     try:
         if d.master:
             lock.acquire()
-        return _train(cfg, device, d, resume=resume, progress=progress and d.master, t_start=t_start)
+        summary = _train(cfg, device, d, resume=resume, progress=progress and d.master, t_start=t_start)
+        finished = True
+        return summary
     finally:
         lock.release()
         if d.owns_group:
+            # DDP's reducer keeps work on the process group; collect it (it sits in reference cycles)
+            # before the group goes, and leave together: rank 0 still evaluates and saves after the last
+            # step, and tearing gloo down under a connected peer aborts the process ("terminate called
+            # without an active exception").
+            import gc
+
             import torch.distributed as dist
 
+            gc.collect()
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
