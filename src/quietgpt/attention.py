@@ -144,7 +144,8 @@ class _NullLSEAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         q, k, v, out_adj, lse_adj, ln = ctx.saved_tensors
-        g = g.contiguous()
+        if g.stride(-1) != 1:  # the kernels take any layout with a unit last stride (the model's is (B,T,H,D))
+            g = g.contiguous()
         dq, dk, dv = ctx.kern.backward(g, q, k, v, out_adj, lse_adj, ctx.aux, ctx.is_causal, ctx.scale)
         d_log_n = None
         if ctx.needs_input_grad[3]:
@@ -152,6 +153,20 @@ class _NullLSEAttention(torch.autograd.Function):
             row = (g.float() * out_adj.float()).sum(-1)
             d_log_n = (-(p_null * row)).sum_to_size(ctx.log_n_shape)
         return dq, dk, dv, d_log_n, None, None, None
+
+
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(value: float, like: Tensor) -> Tensor:
+    """A cached 0-d tensor holding a fixed null logit (fp64 for fp64 inputs, else fp32) on like's device:
+    building one per call costs more than the few-element math it feeds at small sizes."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    key = (value, like.device, dtype)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=like.device)
+    return t
 
 
 def _prefix_attention(q, k, v, log_n: Tensor, is_causal: bool, scale: float, dropout_p: float) -> Tensor:
@@ -298,7 +313,7 @@ def _attention(q, k, v, variant, *, is_causal, n, sink_logit, gamma, zeta, dropo
     elif chosen == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     else:
-        ln = log_n if isinstance(log_n, Tensor) else torch.tensor(log_n, dtype=torch.float64, device=q.device)
+        ln = log_n if isinstance(log_n, Tensor) else _constant(log_n, q)
         if chosen == "prefix":
             out = _prefix_attention(q, k, v, ln, is_causal, scale, dropout_p)
         else:
