@@ -201,53 +201,47 @@ def _layer_axis(ax) -> None:
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
-def plot_weight_kurtosis(data, variants, out: Path, is_block_weight) -> bool:
+def _plot_per_layer(data, variants, out: Path, section: str, keep, panels, suptitle: str, xlabel: str,
+                    ylabel: str | None = None) -> bool:
+    """Two side-by-side per-layer panels, one band (min..max over seeds around the mean) per variant.
+    panels: [(entry key, aggregate over a layer's entries, title)]; keep selects the entries of `section`."""
     plt = _plt()
     colors = _colors(variants)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, 4))
     drawn = False
-    for ax, agg, title in ((axes[0], max, "max over the layer's matmul weights"),
-                           (axes[1], np.mean, "mean over the layer's matmul weights")):
+    for ax, (key, agg, title) in zip(axes, panels):
         for v in variants:
-            curves = _per_layer(data, v, "weights",
-                                lambda es, agg=agg: float(agg(_finite_vals(es, "kurtosis")))
-                                if _finite_vals(es, "kurtosis") else None, is_block_weight)
+            curves = _per_layer(data, v, section,
+                                lambda es, key=key, agg=agg: float(agg(_finite_vals(es, key)))
+                                if _finite_vals(es, key) else None, keep)
             drawn |= _band(ax, curves, v, colors[v])
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("kurtosis (normal = 3)")
+        ax.set_xlabel(xlabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
         _layer_axis(ax)
         ax.legend(fontsize=8)
-    fig.suptitle("Weight kurtosis per layer (mean over seeds, band = min..max)")
+    fig.suptitle(suptitle)
     if drawn:
         _save(fig, out)
     else:
         plt.close(fig)
     return drawn
+
+
+def plot_weight_kurtosis(data, variants, out: Path, is_block_weight) -> bool:
+    return _plot_per_layer(data, variants, out, "weights", is_block_weight,
+                           [("kurtosis", max, "max over the layer's matmul weights"),
+                            ("kurtosis", np.mean, "mean over the layer's matmul weights")],
+                           "Weight kurtosis per layer (mean over seeds, band = min..max)", "layer",
+                           "kurtosis (normal = 3)")
 
 
 def plot_activations(data, variants, out: Path, is_act_site) -> bool:
-    plt = _plt()
-    colors = _colors(variants)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    drawn = False
-    for ax, key, agg, title in ((axes[0], "inf_norm_max", max, "infinity norm (max over sites)"),
-                                (axes[1], "kurtosis", np.mean, "kurtosis (mean over sites)")):
-        for v in variants:
-            curves = _per_layer(data, v, "activations",
-                                lambda es, key=key, agg=agg: float(agg(_finite_vals(es, key)))
-                                if _finite_vals(es, key) else None, is_act_site)
-            drawn |= _band(ax, curves, v, colors[v])
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("layer (-1 = embeddings)")
-        _layer_axis(ax)
-        ax.legend(fontsize=8)
-    fig.suptitle("Activations per layer (mean over seeds, band = min..max)")
-    if drawn:
-        _save(fig, out)
-    else:
-        plt.close(fig)
-    return drawn
+    return _plot_per_layer(data, variants, out, "activations", is_act_site,
+                           [("inf_norm_max", max, "infinity norm (max over sites)"),
+                            ("kurtosis", np.mean, "kurtosis (mean over sites)")],
+                           "Activations per layer (mean over seeds, band = min..max)", "layer (-1 = embeddings)")
 
 
 def plot_unassigned_mass(data, variant: str, out: Path) -> bool:
