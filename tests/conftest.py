@@ -10,6 +10,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Runs set train.threads (torch's process-wide thread count); give every test the suite's own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def shakespeare_path() -> Path:
     """tiny Shakespeare from ../shared beside the repo; tests using it skip when it is absent."""

@@ -20,12 +20,6 @@ TINY = ["--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n
         "--set", "train.threads=1", "--set", "data.tokenizer=char"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

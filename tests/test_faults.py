@@ -29,12 +29,6 @@ from quietgpt.train import NonFiniteError, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:

@@ -26,12 +26,6 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "quietgpt"
 EVIL = "<script>alert(1)</script>"
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 class Pwn:
     """Unpickling this creates the file at `path` (open(path, "w"))."""

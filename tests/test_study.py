@@ -31,15 +31,6 @@ def tiny(cache: Path) -> dict:
             "train.threads": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_torch_threads():
-    """train.threads=1 sets torch's process-wide thread count; give the rest of the suite its own back."""
-    import torch
-
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_args(cache: Path) -> list[str]:
     return [a for k, v in tiny(cache).items() for a in ("--set", f"{k}={v}")]

@@ -38,12 +38,6 @@ def make_text(n_words: int, seed: int, words=WORDS) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()  # train.threads sets the process-wide count; give it back
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
