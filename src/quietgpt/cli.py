@@ -203,7 +203,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quietgpt", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="quietgpt",
+        description="Train GPTs whose attention normaliser is a choice (softmax, softmax1, ...), measure their "
+                    "outliers and 8-bit quantized perplexity, and compare them in a study with an honest report.")
     parser.add_argument("--version", action="version", version=f"quietgpt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (shows attention paths)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
