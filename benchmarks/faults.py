@@ -260,14 +260,19 @@ def train_trial(bench: Bench, i: int, rng: random.Random, ref: Path, ref_wall: f
     # resume (or start, when the kill came before the first checkpoint) until done
     resume = (run / "train_state.pt").exists()
     rc, err, wall = bench.run(bench.train_cmd(run, seed, resume=resume))
-    d["resumes"].append({"resume": resume, "rc": rc, "wall_s": round(wall, 2),
+    return _judge(d, {"resume": resume}, rc, err, wall, run, lambda: compare_train(run, ref))
+
+
+def _judge(d: dict, info: dict, rc: int, err: str, wall: float, folder: Path, compare) -> dict:
+    """Record the final (resuming) run of a trial and decide whether the trial is clean."""
+    d["resumes"].append({**info, "rc": rc, "wall_s": round(wall, 2),
                          "stderr_tail": err.strip().splitlines()[-1:] if rc else []})
     if rc != 0:
         d["failed_resume"] = True
     else:
-        d["corrupt"] += check_files(run)
-        d["diffs"] = compare_train(run, ref)
-    d["leftover_tmp"] = tmp_files(run)
+        d["corrupt"] += check_files(folder)
+        d["diffs"] = compare()
+    d["leftover_tmp"] = tmp_files(folder)
     d["ok"] = not d["corrupt"] and rc == 0 and not d.get("diffs")
     return d
 
@@ -287,16 +292,7 @@ def study_trial(bench: Bench, i: int, rng: random.Random, ref: Path, ref_wall: f
         d["kills"].append(ev)
         d["corrupt"] += check_files(out)
     rc, err, wall = bench.run(cmd)
-    d["resumes"].append({"rc": rc, "wall_s": round(wall, 2),
-                         "stderr_tail": err.strip().splitlines()[-1:] if rc else []})
-    if rc != 0:
-        d["failed_resume"] = True
-    else:
-        d["corrupt"] += check_files(out)
-        d["diffs"] = compare_study(out, ref)
-    d["leftover_tmp"] = tmp_files(out)
-    d["ok"] = not d["corrupt"] and rc == 0 and not d.get("diffs")
-    return d
+    return _judge(d, {}, rc, err, wall, out, lambda: compare_study(out, ref))
 
 
 def main(argv: list[str] | None = None) -> int:
