@@ -14,6 +14,8 @@ Goal (issue 3/7): softmax1, softmax_n and sink fast paths <= 1.05x SDPA's time a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import platform
@@ -24,8 +26,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from quietgpt.attention import _attention
+A = importlib.import_module("quietgpt.attention")  # the module (the package exports a function of this name)
 
 VARIANTS = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated")
 
@@ -41,14 +44,24 @@ def make_inputs(B, H, T, D, device, dtype, seed=0):
 
 
 def run_once(name, path, q, k, v, extra):
-    """One fwd+bwd; returns the path that ran."""
+    """One fwd+bwd; returns the path that ran. `path` may name a CUDA kernel after a colon: "fast:cudnn"
+    pins SDPA's backend (sdpa rows), "auto:flash" quietgpt's LSE kernel (null-logit variants)."""
+    path, _, kernel = path.partition(":")
     if name == "sdpa":
-        out, chosen = F.scaled_dot_product_attention(q, k, v, is_causal=True), "sdpa"
+        backend = {"": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[kernel]
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        chosen = f"sdpa-{kernel}" if kernel else "sdpa"
     else:
-        out, chosen = _attention(
-            q, k, v, name, is_causal=True, n=2.0, sink_logit=extra["sink_logit"] if name == "sink" else None,
-            gamma=-0.03, zeta=1.0, dropout_p=0.0, scale=None, path=path,
-            gate=extra["gate"] if name == "gated" else None, probs_hook=None)
+        A.CUDA_LSE_KERNEL = kernel or "auto"
+        try:
+            out, chosen = A._attention(
+                q, k, v, name, is_causal=True, n=2.0, sink_logit=extra["sink_logit"] if name == "sink" else None,
+                gamma=-0.03, zeta=1.0, dropout_p=0.0, scale=None, path=path,
+                gate=extra["gate"] if name == "gated" else None, probs_hook=None)
+        finally:
+            A.CUDA_LSE_KERNEL = "auto"
     out.backward(torch.ones_like(out))
     return chosen
 
@@ -116,8 +129,12 @@ def bench(args) -> dict:
     for T in seqs:
         q, k, v, extra = make_inputs(args.B, args.H, T, args.D, device, dtype)
         cands = [("sdpa", "fast")]
+        if device.startswith("cuda") and args.kernels:  # every SDPA backend, and each LSE kernel
+            cands += [("sdpa", "fast:flash"), ("sdpa", "fast:cudnn"), ("sdpa", "fast:efficient")]
         for name in args.variants:
             cands.append((name, "auto"))
+            if device.startswith("cuda") and args.kernels and name in A.NULL_VARIANTS:
+                cands += [(name, "auto:flash"), (name, "auto:cudnn")]
             if T <= args.max_reference_T and name != "clipped":  # clipped's auto path *is* the reference
                 cands.append((name, "reference"))
         times = {c: [] for c in cands}
@@ -142,7 +159,7 @@ def bench(args) -> dict:
             if args.memory:
                 row["peak_mb"] = peak_mb(*c, args.B, args.H, T, args.D, device, dtype, q, k, v, extra)
             rows.append(row)
-            print(f"T={T:5d} {c[0]:>9s} {paths[c]:>14s}  {med * 1e3:9.1f} ms  x{med / base:5.2f}  "
+            print(f"T={T:5d} {c[0]:>9s} {paths[c]:>15s} {c[1]:>11s}  {med * 1e3:9.1f} ms  x{med / base:5.2f}  "
                   f"saved {row['saved_mb']:8.1f} MB" + (f"  peak {row['peak_mb']:8.1f} MB" if args.memory else ""),
                   flush=True)
     goals = {}
@@ -175,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--max-reference-T", type=int, default=2048, help="skip reference paths above this T")
+    p.add_argument("--no-kernels", dest="kernels", action="store_false",
+                   help="CUDA: skip the rows that pin each SDPA backend and each LSE kernel")
     p.add_argument("--no-rss", dest="memory", action="store_false", help="skip the per-candidate peak memory")
     p.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

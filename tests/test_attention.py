@@ -1,6 +1,7 @@
 """Every attention variant's fast path against its reference path (values and gradients), and the
 reference path against an independent float64 formula."""
 
+import importlib
 import math
 
 import pytest
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from quietgpt import QuietAttention, attention, select_path
 from quietgpt.attention import _prefix_attention
 from quietgpt.errors import ConfigError
+
+A = importlib.import_module("quietgpt.attention")  # the module: the package exports a function of this name
 
 VARIANTS = ["softmax", "softmax1", "softmax_n", "sink", "clipped", "gated"]
 
@@ -188,11 +191,34 @@ def test_dropout_on_attention_weights(variant):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["flash", "cudnn"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_lse_kernels_return_the_natural_log_sum_exp(kernel, dtype, monkeypatch):
+    """Each CUDA LSE kernel's row log-sum-exp (natural log, shape (B, H, T)) and output match a float64
+    computation on the same half-precision inputs: the identity the fast path rests on."""
+    monkeypatch.setattr(A, "CUDA_LSE_KERNEL", kernel)
+    B, H, T, D = 2, 3, 257, 64
+    q, k, v = [t.detach().to("cuda", dtype) for t in make_qkv(B, H, T, D)]
+    kern = A.lse_kernel_for(q)
+    assert kern is not None and kern.name == f"lse-{kernel}-cuda"
+    scale = D ** -0.5
+    out, lse, _ = kern.forward(q, k, v, True, scale)
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device="cuda").triu(1), -math.inf)
+    assert lse.shape == (B, H, T)
+    assert torch.allclose(lse.double(), torch.logsumexp(s, -1), atol=2e-3)
+    tol = 1e-2 if dtype == torch.float16 else 4e-2  # output values up to ~3; bf16 keeps 8 bits
+    assert torch.allclose(out.double(), torch.softmax(s, -1) @ v.double(), atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["auto", "flash", "cudnn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["softmax", "softmax1", "softmax_n", "sink", "gated"])
-def test_cuda_fast_path_equals_reference(variant, dtype):
-    """On CUDA: the fused path (flash LSE for half precision, the null-key prefix otherwise) equals the
-    reference path in values and gradients."""
+def test_cuda_fast_path_equals_reference(variant, dtype, kernel, monkeypatch):
+    """On CUDA: the fused path (an LSE kernel for half precision, the null-key prefix otherwise) equals
+    the reference path in values and gradients, with either CUDA LSE kernel."""
+    monkeypatch.setattr(A, "CUDA_LSE_KERNEL", kernel)
     B, H, T, D = 2, 4, 300, 64
     q, k, v = [t.detach().to("cuda", dtype).requires_grad_() for t in make_qkv(B, H, T, D)]
     kw = kwargs_for(variant, H)
@@ -200,6 +226,9 @@ def test_cuda_fast_path_equals_reference(variant, dtype):
           for key, val in kw.items()}
     if variant == "gated":
         kw["gate"] = torch.rand(B, H, T, 1, device="cuda", dtype=dtype)
+    if variant in A.NULL_VARIANTS:
+        want = "prefix" if dtype == torch.float32 else f"lse-{'cudnn' if kernel == 'auto' else kernel}-cuda"
+        assert select_path(variant, "auto", q) == want
     results = {}
     for path in ("auto", "reference"):
         out = attention(q, k, v, variant, path=path, **kw)

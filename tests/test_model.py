@@ -30,6 +30,15 @@ def test_parameter_count_hand_computed(bias, variant):
     assert model.num_params() == total - T * C
 
 
+def test_flops_per_token_matches_nanogpt_gpt2_small():
+    """GPT-2 small (vocab 50304, 1024 context): nanoGPT's estimate_mfu counts 6 N + 12 L H Q T per token,
+    N = 123.59M non-embedding-position parameters; by hand: 6 * 123,587,328 + 12 * 12 * 12 * 64 * 1024."""
+    model = GPT(GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, bias=False))
+    assert model.num_params() == 123_587_328
+    assert model.flops_per_token() == 6 * 123_587_328 + 113_246_208
+    assert model.flops_per_token(256) == 6 * 123_587_328 + 113_246_208 // 4
+
+
 def test_seeded_init_is_deterministic_and_std():
     torch.manual_seed(7)
     a = GPT(tiny(n_embd=64, n_layer=4))
@@ -208,3 +217,27 @@ def test_hf_gpt2_logit_parity():
     again = GPT.from_hf(hf.state_dict(), config=ours.config).eval()
     with torch.no_grad():
         assert torch.allclose(again(idx)[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "softmax1", "softmax_n", "sink", "clipped", "gated"])
+def test_compiles_to_one_graph_without_recompiling(variant):
+    """torch.compile sees the whole forward as one graph (no break at the attention's path bookkeeping)
+    and a second call reuses it (no guard on state the first call changed). A counting backend that runs
+    the captured graph eagerly keeps this fast."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = GPT(tiny(attention=variant))
+    compiled = torch.compile(model, backend=counting, fullgraph=True)
+    x = torch.randint(0, 37, (2, 16))
+    for _ in range(3):
+        _, loss = compiled(x, x)
+    _, eager_loss = model(x, x)
+    assert len(graphs) == 1
+    assert torch.allclose(loss, eager_loss, atol=1e-6)
+    assert model.attention_paths() == [model.transformer.h[0].attn.core.last_path] * 2
+    assert model.attention_paths()[0] is not None

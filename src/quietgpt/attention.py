@@ -14,8 +14,9 @@ and the only path that can show or quantize them). The fast paths never do:
 * softmax / gated: PyTorch's fused `scaled_dot_product_attention` (SDPA).
 * softmax1 / softmax_n / sink ("null-logit" variants), via the identity
       softmax_n(S) V = softmax(S) V * sigmoid(LSE - log n),   LSE = logsumexp of the row's scores.
-  - "lse": a fused flash kernel that returns its LSE gives the forward. Its backward, handed the
-    adjusted LSE' = logaddexp(LSE, log n) and the adjusted output, recomputes exactly the softmax_n
+  - "lse": a fused kernel that returns its LSE (flash on CPU; cuDNN or flash on CUDA) gives the
+    forward. Its backward, handed the adjusted LSE' = logaddexp(LSE, log n) and the adjusted output,
+    recomputes exactly the softmax_n
     probabilities exp(S - LSE') and so gives exact gradients (softmax_n's Jacobian has softmax's
     form, P (dP - rowsum(P dP)), because n is a constant). The learned sink's gradient is added on top:
         dL/db = -sum_rows p_null * rowsum(dO * O'),   p_null = exp(b - LSE').
@@ -86,6 +87,12 @@ class _CpuFlash:
         )
 
 
+@torch.compiler.assume_constant_result
+def _flash_ready() -> bool:
+    """SDPA's flash backend enabled (evaluated once while compiling: a traced call would break the graph)."""
+    return torch.backends.cuda.flash_sdp_enabled()
+
+
 class _CudaFlash:
     # Flash attention on CUDA: half precision only, head dim a multiple of 8 up to 256.
     name = "lse-flash-cuda"
@@ -97,7 +104,7 @@ class _CudaFlash:
             and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] % 8 == 0
             and q.shape[-1] <= 256
-            and torch.backends.cuda.flash_sdp_enabled()
+            and _flash_ready()
         )
 
     @staticmethod
@@ -115,12 +122,64 @@ class _CudaFlash:
         )
 
 
-_KERNELS = (_CpuFlash, _CudaFlash)
+@torch.compiler.assume_constant_result
+def _cudnn_ready(index: int) -> bool:
+    """cuDNN attention usable on CUDA device `index` (evaluated once while compiling, not traced)."""
+    return (
+        torch.backends.cuda.cudnn_sdp_enabled()
+        and (torch.backends.cudnn.version() or 0) >= 90000
+        and torch.cuda.get_device_capability(index)[0] >= 8
+    )
+
+
+class _CudaCudnn:
+    # cuDNN's fused attention (cuDNN >= 9, compute capability >= 8.0, half precision, head dim <= 128).
+    # On Hopper it is what SDPA itself picks, and much faster than the flash-attention-2 kernel above.
+    name = "lse-cudnn-cuda"
+
+    @staticmethod
+    def supports(q: Tensor) -> bool:
+        return (
+            q.device.type == "cuda"
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 128
+            and _cudnn_ready(q.device.index if q.device.index is not None else 0)
+        )
+
+    @staticmethod
+    def forward(q, k, v, is_causal, scale):
+        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, is_causal, False, scale=scale
+        )
+        return out, lse.reshape(lse.shape[:3]), (cq, ck, mq, mk, seed, offset, lse.shape)
+
+    @staticmethod
+    def backward(g, q, k, v, out, lse, aux, is_causal, scale):
+        cq, ck, mq, mk, seed, offset, lse_shape = aux
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            g, q, k, v, out, lse.reshape(lse_shape), seed, offset, None, cq, ck, mq, mk, 0.0, is_causal,
+            scale=scale
+        )
+
+
+# Which CUDA LSE kernel to prefer: "auto", "flash" or "cudnn". auto: cuDNN where it runs (on Hopper it
+# is what SDPA itself picks, ~1.6x faster than flash-attention-2), else flash; under torch.compile
+# always flash. Inside a compiled graph the cuDNN op trained wrong (losses 0.14 off eager after 8 steps,
+# torch 2.11 on an H200; eager cuDNN and compiled flash both match float32), so compiling never uses it
+# unless asked. benchmarks/attention.py and the gpu tests switch this; users rarely need to.
+CUDA_LSE_KERNEL = "auto"
 
 
 def lse_kernel_for(q: Tensor):
     """The fused LSE kernel that can run `q`'s device and dtype, or None."""
-    for kern in _KERNELS:
+    if q.device.type == "cpu":
+        return _CpuFlash if _CpuFlash.supports(q) else None
+    choice = CUDA_LSE_KERNEL
+    if choice == "auto" and torch.compiler.is_compiling():
+        choice = "flash"
+    order = {"auto": (_CudaCudnn, _CudaFlash), "flash": (_CudaFlash,), "cudnn": (_CudaCudnn,)}[choice]
+    for kern in order:
         if kern.supports(q):
             return kern
     return None
@@ -162,6 +221,8 @@ def _constant(value: float, like: Tensor) -> Tensor:
     """A cached 0-d tensor holding a fixed null logit (fp64 for fp64 inputs, else fp32) on like's device:
     building one per call costs more than the few-element math it feeds at small sizes."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if torch.compiler.is_compiling():  # a graph constant costs nothing, and the cache would guard recompiles
+        return torch.tensor(value, dtype=dtype, device=like.device)
     key = (value, like.device, dtype)
     t = _CONSTANTS.get(key)
     if t is None:
@@ -236,8 +297,8 @@ def reference_attention(
 
 
 def select_path(variant: str, path: str, q: Tensor, dropout_p: float = 0.0, need_probs: bool = False) -> str:
-    """Name of the path `attention` will run: "reference", "sdpa", "lse-flash-cpu", "lse-flash-cuda" or
-    "prefix". Raises ConfigError when `path="fast"` is asked of something that has no fast path."""
+    """Name of the path `attention` will run: "reference", "sdpa", "lse-flash-cpu", "lse-cudnn-cuda",
+    "lse-flash-cuda" or "prefix". Raises ConfigError when `path="fast"` is asked of something that has no fast path."""
     check_variant(variant)
     check_path(path)
     if path == "reference" or need_probs or variant == "clipped":
@@ -347,7 +408,11 @@ class QuietAttention(nn.Module):
             zeta=self.zeta, dropout_p=self.dropout if self.training else 0.0, scale=None,
             path=self.path, gate=gate, probs_hook=self.tap_probs if observed else None,
         )
-        if chosen != self.last_path:
+        if torch.compiler.is_compiling():
+            # write without reading: a read would guard the compiled graph on last_path (a recompile on
+            # the second call) and a logging call would split it at every layer
+            self.last_path = chosen
+        elif chosen != self.last_path:
             log.debug("attention %s: running the %s path", self.variant, chosen)
             self.last_path = chosen
         return out

@@ -271,6 +271,15 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token at context `seq_len` (default block_size), the
+        PaLM appendix B estimate nanoGPT's estimate_mfu uses: 6 N for the weights plus 12 L H Q T for
+        the attention scores and values. Extra per-row work (softmax1's sigmoid, gates) is not counted,
+        so every variant is held to the same yardstick in MFU."""
+        c = self.config
+        T = c.block_size if seq_len is None else seq_len
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
+
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context length (e.g. a pretrained 1024 model used at 256)."""
         if not 0 < block_size <= self.config.block_size:

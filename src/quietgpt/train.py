@@ -3,7 +3,8 @@
 Semantics follow nanoGPT: random contiguous windows of the token memmap, AdamW (fused where available)
 with decay/no-decay groups, linear warmup then cosine decay to min_lr, gradient accumulation, gradient
 clipping, an eval of train and val loss over eval_iters batches every eval_interval iterations, AMP on
-CUDA (bf16, or fp16 with a GradScaler), optional torch.compile. Differences, each for a reason:
+CUDA (bf16, or fp16 with a GradScaler), TF32 float32 matmuls on CUDA, optional torch.compile.
+Differences, each for a reason:
 
 * Randomness lives in explicit generators. The training windows come from one CPU torch.Generator
   (its state *is* the data position, saved in checkpoints); eval batches come from generators re-seeded
@@ -443,6 +444,11 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     tc = cfg.train
     device = ckpt.resolve_device(tc.device)
     d, device = _dist_setup(tc, device)
+    if device.type == "cuda":
+        # As nanoGPT: float32 matmuls and convolutions may use TF32 (a 10-bit mantissa product, fp32
+        # accumulation); under bf16/fp16 autocast this touches only the few ops kept in fp32.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     lock = RunLock(tc.out_dir)
     finished = False
     try:
