@@ -1,7 +1,9 @@
 """Run every benchmark and print one table:  python -m benchmarks [--quick] [--out DIR] [--shakespeare FILE]
 
 Each benchmark runs in its own process (as documented in its file) and writes its JSON into --out; this
-runner only collects the headline numbers. --quick shortens everything (a smoke run, not for the README).
+runner only collects the headline numbers. With CUDA present it adds the attention benchmark on the GPU
+and benchmarks/train_gpu.py (gpt2-small tokens/s and MFU). --quick shortens everything (a smoke run,
+not for the README).
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run(name: str, args: list[str], out: Path) -> dict | None:
-    path = out / f"{name}.json"
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(name: str, args: list[str], out: Path, tag: str | None = None) -> dict | None:
+    path = out / f"{tag or name}.json"
     cmd = [sys.executable, str(HERE / f"{name}.py"), "--json", str(path), *args]
     print(f"$ {' '.join(cmd)}", flush=True)
     r = subprocess.run(cmd)
@@ -49,6 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         for row in (r or {}).get("results", []):
             table.append(("training", f"{row['preset']} {row['variant']}",
                           f"{row['tokens_per_s']:.0f} tok/s ({row['ratio_to_softmax']:.3f}x softmax)"))
+    if _has_cuda() and "attention_gpu" not in skip:
+        r = run("attention", ["--device", "cuda", "--B", "8", "--H", "12", "--max-reference-T", "4096"]
+                + (["--reps", "3", "--T", "1024"] if a.quick else []), out, tag="attention_gpu")
+        for row in (r or {}).get("results", []):
+            if row["requested"] == "auto":
+                table.append(("attention (GPU)", f"{row['variant']} T={row['T']} ({row['path']})",
+                              f"{row['ratio_to_sdpa']:.3f}x SDPA time, peak {row['peak_mb']:.0f} MB"))
+    if _has_cuda() and "train_gpu" not in skip:
+        r = run("train_gpu", ["--iters", "5", "--rounds", "1", "--compile", "off"] if a.quick else [], out)
+        for row in (r or {}).get("results", []):
+            mfu = f", MFU {row['mfu'] * 100:.1f}%" if row.get("mfu") else ""
+            table.append(("training (GPU)", f"gpt2-small {row['variant']}{' compiled' if row['compiled'] else ''}",
+                          f"{row['tokens_per_s']:.0f} tok/s ({row['ratio_to_softmax']:.3f}x softmax){mfu}"))
     if "measure_cost" not in skip:
         r = run("measure_cost", ["--repeats", "1"] if a.quick else [], out)
         if r and "ratio" in r:
