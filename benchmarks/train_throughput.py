@@ -37,12 +37,12 @@ NANOGPT_CPU = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_inte
 
 
 def one_run(preset: str, data: str | None, variant: str, iters: int, out: Path, threads: int, cache: str,
-            eval_interval: int | None = None, compile: bool = False) -> dict:
+            eval_interval: int | None = None, compile: bool = False, dtype: str = "float32") -> dict:
     """Train once; the summary plus `steady_tokens_per_s`, the training steps after iteration 0 (which
     holds any compilation), from the metrics rows (evals excluded)."""
     over = {"model.attention": variant, "train.out_dir": str(out), "train.max_iters": iters,
             "train.threads": threads, "train.device": "cpu", "train.log_interval": max(1, iters // 4),
-            "train.compile": compile}
+            "train.compile": compile, "train.dtype": dtype}
     if eval_interval is not None:
         over["train.eval_interval"] = eval_interval
     if data:
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default="")
     ap.add_argument("--compile", action="store_true", help="also time quietgpt with train.compile=true "
                     "in the nanoGPT comparison")
+    ap.add_argument("--compile-dtype", default="float32", help="train.dtype of that compiled run (float32 or "
+                    "bfloat16 autocast)")
     ap.add_argument("--presets", default="default,shakespeare-char-cpu",
                     help="presets for the per-variant table ('' for none: only the nanoGPT comparison)")
     args = ap.parse_args(argv)
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 ours.append(s["steady_tokens_per_s"])
                 if args.compile:
                     s = one_run("shakespeare-char-cpu", args.shakespeare, "softmax", args.iters, work / "run",
-                                args.threads, args.cache_dir, eval_interval=250, compile=True)
+                                args.threads, args.cache_dir, eval_interval=250, compile=True,
+                                dtype=args.compile_dtype)
                     compiled.append(s["steady_tokens_per_s"])
             med = statistics.median
             result["nanogpt"] = {"nanogpt_tokens_per_s": med(theirs), "all_nanogpt": theirs,
@@ -142,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"(x{result['nanogpt']['ratio']:.2f}), training steps after iteration 0", flush=True)
             if compiled:
                 result["nanogpt"].update(quietgpt_compiled_tokens_per_s=med(compiled), all_compiled=compiled,
+                                         compiled_dtype=args.compile_dtype,
                                          ratio_compiled=med(compiled) / med(theirs))
-                print(f"quietgpt compiled {med(compiled):9.0f} tok/s (x{med(compiled) / med(theirs):.2f})",
-                      flush=True)
+                print(f"quietgpt compiled ({args.compile_dtype}) {med(compiled):9.0f} tok/s "
+                      f"(x{med(compiled) / med(theirs):.2f})", flush=True)
         soft1 = [r for r in rows if r["variant"] == "softmax1"]
         result["goals"] = {f"softmax1_ge_0.97x_{r['preset']}": r["ratio_to_softmax"] >= 0.97 for r in soft1}
         if "nanogpt" in result:
