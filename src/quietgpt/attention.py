@@ -32,6 +32,7 @@ forces the ground truth. The path that ran is logged at DEBUG level and kept in
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -122,14 +123,23 @@ class _CudaFlash:
         )
 
 
-@torch.compiler.assume_constant_result
-def _cudnn_ready(index: int) -> bool:
-    """cuDNN attention usable on CUDA device `index` (evaluated once while compiling, not traced)."""
+@functools.cache
+def _cudnn_capable(index: int) -> bool:
+    """This torch's cuDNN attention op returns an LSE (its signature has compute_log_sumexp: torch >= 2.5),
+    cuDNN is 9 or newer and device `index` has compute capability 8.0 or more."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+    names = {a.name for a in op.default._schema.arguments} if op is not None else set()
     return (
-        torch.backends.cuda.cudnn_sdp_enabled()
+        "compute_log_sumexp" in names
         and (torch.backends.cudnn.version() or 0) >= 90000
         and torch.cuda.get_device_capability(index)[0] >= 8
     )
+
+
+@torch.compiler.assume_constant_result
+def _cudnn_ready(index: int) -> bool:
+    """cuDNN attention usable on CUDA device `index` (evaluated once while compiling, not traced)."""
+    return torch.backends.cuda.cudnn_sdp_enabled() and _cudnn_capable(index)
 
 
 class _CudaCudnn:
