@@ -88,6 +88,17 @@ class _CpuFlash:
         )
 
 
+def _cuda_half(q: Tensor, max_head_dim: int) -> bool:
+    """q is a CUDA fp16/bf16 tensor whose head dim (a multiple of 8, at most max_head_dim) the fused
+    CUDA kernels take."""
+    return (
+        q.device.type == "cuda"
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= max_head_dim
+    )
+
+
 @torch.compiler.assume_constant_result
 def _flash_ready() -> bool:
     """SDPA's flash backend enabled (evaluated once while compiling: a traced call would break the graph)."""
@@ -100,13 +111,7 @@ class _CudaFlash:
 
     @staticmethod
     def supports(q: Tensor) -> bool:
-        return (
-            q.device.type == "cuda"
-            and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256
-            and _flash_ready()
-        )
+        return _cuda_half(q, 256) and _flash_ready()
 
     @staticmethod
     def forward(q, k, v, is_causal, scale):
@@ -149,13 +154,7 @@ class _CudaCudnn:
 
     @staticmethod
     def supports(q: Tensor) -> bool:
-        return (
-            q.device.type == "cuda"
-            and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 128
-            and _cudnn_ready(q.device.index if q.device.index is not None else 0)
-        )
+        return _cuda_half(q, 128) and _cudnn_ready(q.device.index if q.device.index is not None else 0)
 
     @staticmethod
     def forward(q, k, v, is_causal, scale):
@@ -179,6 +178,9 @@ class _CudaCudnn:
 # torch 2.11 on an H200; eager cuDNN and compiled flash both match float32), so compiling never uses it
 # unless asked. benchmarks/attention.py and the gpu tests switch this; users rarely need to.
 CUDA_LSE_KERNEL = "auto"
+
+
+_KERNEL_NAMED = {k.name: k for k in (_CpuFlash, _CudaFlash, _CudaCudnn)}
 
 
 def lse_kernel_for(q: Tensor):
@@ -388,7 +390,8 @@ def _attention(q, k, v, variant, *, is_causal, n, sink_logit, gamma, zeta, dropo
         if chosen == "prefix":
             out = _prefix_attention(q, k, v, ln, is_causal, scale, dropout_p)
         else:
-            out = _NullLSEAttention.apply(q, k, v, ln, is_causal, scale, lse_kernel_for(q))
+            # the kernel select_path just chose, by name: no second round of support checks
+            out = _NullLSEAttention.apply(q, k, v, ln, is_causal, scale, _KERNEL_NAMED[chosen])
     if gate is not None:
         out = out * gate.to(out.dtype)
     return out, chosen
