@@ -87,6 +87,10 @@ CLI_ROWS: dict[str, tuple[str, list[str]]] = {
     "study-jobs": ("non-positive number of jobs", ["study", "--out", "{w}/s2", "--jobs", "0"]),
     "study-preset": ("unknown study preset", ["study", "--out", "{w}/s2", "--preset", "nosuch"]),
     "study-per-run-key": ("overriding what the study sets per run", ["study", "--out", "{w}/s2", *S("train.seed=3")]),
+    "study-no-baseline": ("variants without the baseline", ["study", "--out", "{w}/s2", "--variants", "softmax1,sink"]),
+    "study-bad-baseline": ("--baseline not among the variants", ["study", "--out", "{w}/s2", "--baseline", "gated"]),
+    "study-toml-key": ("a typo in a study file's [study] table", ["study", "--out", "{w}/s2", "--preset",
+                                                                  "{w}/study.toml"]),
     "study-changed-config": ("study folder that holds a study with another config",
                              ["study", "--out", "{w}/study", "--variants", "softmax,softmax1", "--seeds", "1",
                               "--quant", "w8a8", *S("data.cache_dir={w}/cache", *TINY)]),
@@ -136,6 +140,7 @@ def make_world(w: Path) -> Path:
     torch.set_num_threads(n)
     (w / "bad.toml").write_text("[model]\nn_layer = \n")
     (w / "section.toml").write_text("[modle]\nn_layer = 2\n")
+    (w / "study.toml").write_text("[study]\nseedz = 2\n")
     (w / "empty").mkdir()
     (w / "afile").write_text("not a folder\n")
     (w / "other.txt").write_text("completely different text: 0123456789 @#$%^&*" * 200)
@@ -150,7 +155,7 @@ def make_world(w: Path) -> Path:
     spec = resolve_spec("default", variants=["softmax", "sink"], seeds=1, quant=["w8a8"],
                         overrides={**parse_assignments(TINY), "data.cache_dir": str(cache)})
     (w / "study").mkdir()
-    (w / "study" / "study.json").write_text(json.dumps(spec))
+    (w / "study" / "study.json").write_text(json.dumps(spec.to_dict()))
     return w
 
 

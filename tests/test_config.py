@@ -129,7 +129,10 @@ def test_to_dict_round_trip():
 
 def test_presets_cli(capsys):
     assert main(["presets"]) == 0
-    assert capsys.readouterr().out.split() == preset_names()
+    lines = capsys.readouterr().out.splitlines()
+    training = lines[1:lines.index(next(ln for ln in lines if ln.startswith("study presets")))]
+    assert [ln.split()[0] for ln in training] == preset_names()
+    assert all(len(ln.split()) > 3 for ln in training)  # each with its one-line description
     assert main(["presets", "shakespeare-char-cpu"]) == 0
     out = capsys.readouterr().out
     assert "[model]" in out and "n_embd = 128" in out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -13,9 +12,6 @@ import torch.nn.functional as F
 
 from quietgpt import GPT
 from quietgpt.cli import main
-
-HAS_DATA = importlib.util.find_spec("quietgpt.data") is not None
-needs_data = pytest.mark.skipif(not HAS_DATA, reason="quietgpt.data (prepare) is not written yet")
 
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog, twice {i % 7}.\n" for i in range(400))
 
@@ -101,7 +97,6 @@ def _checkpoint(tmp_path, text_file, attention="softmax1"):
     return out, model, ds
 
 
-@needs_data
 @pytest.mark.slow
 def test_eval_checkpoint_end_to_end(tmp_path, text_file, capsys):
     from quietgpt.metrics import measure
@@ -121,7 +116,6 @@ def test_eval_checkpoint_end_to_end(tmp_path, text_file, capsys):
     assert "perplexity fp" in capsys.readouterr().out
 
 
-@needs_data
 def test_eval_on_data_with_another_vocabulary_exits_2(tmp_path, text_file, capsys):
     ckpt, _, _ = _checkpoint(tmp_path, text_file)
     other = tmp_path / "other.txt"
@@ -145,7 +139,6 @@ def _hf_model(tmp_path, vocab: int):
     return hf, path
 
 
-@needs_data
 @pytest.mark.slow
 def test_eval_hf_gpt2_matches_transformers(tmp_path, text_file, capsys):
     from quietgpt.config import DataConfig
@@ -171,7 +164,6 @@ def test_eval_hf_gpt2_matches_transformers(tmp_path, text_file, capsys):
     assert d["perplexity"]["w8a8"] > 0
 
 
-@needs_data
 def test_eval_hf_with_too_small_vocabulary_exits_2(tmp_path, text_file, capsys):
     _, path = _hf_model(tmp_path, 64)
     rc, err = run(["eval", "--hf", str(path), "--data", str(text_file), "--tokenizer", "byte",

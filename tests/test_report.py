@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from html.parser import HTMLParser
@@ -14,6 +15,7 @@ from quietgpt import report, study
 from quietgpt.atomic import atomic_write_json
 from quietgpt.cli import main
 from quietgpt.errors import QuietError
+from quietgpt.registry import study_metrics
 
 EVIL = "<script>alert(1)</script>"
 N_LAYER, N_HEAD, T = 2, 2, 6
@@ -45,18 +47,18 @@ def fake_eval(rng: np.random.Generator, variant: str, quant) -> dict:
 def make_fake_study(root: Path, variants=("softmax", "softmax1"), seeds=3, data="synthetic",
                     fail: tuple | None = None) -> dict:
     """A finished study folder with made-up run results (no training): what `quietgpt study` leaves."""
-    spec = study.resolve_spec("default", variants=["softmax", "softmax1"], seeds=seeds, data=data)
-    spec["variants"] = list(variants)
-    atomic_write_json(root / "study.json", spec)
+    # replace() rather than resolve_spec(variants=...): the escaping test needs a variant name no config takes
+    spec = dataclasses.replace(study.resolve_spec("default", seeds=seeds, data=data), variants=tuple(variants))
+    atomic_write_json(root / "study.json", spec.to_dict())
     rng = np.random.default_rng(0)
     for v in variants:
-        for s in spec["seeds"]:
+        for s in spec.seeds:
             name = study.run_name(v, s)
             d = root / "runs" / name
             if fail == (v, s):
                 row = study.failed_row(v, s, f"runs/{name}", f"RuntimeError: boom {EVIL}", 1.0)
             else:
-                ev = fake_eval(rng, v, spec["quant"])
+                ev = fake_eval(rng, v, spec.quant)
                 atomic_write_json(d / "eval.json", ev)
                 log = [{"iter": i, "loss": 4.0 - i / 10 + rng.random() * 0.1, "lr": 1e-3} for i in range(0, 20, 2)]
                 log += [{"iter": i, "train_loss": 4 - i / 10, "val_loss": 4.1 - i / 10 + s * 0.01}
@@ -66,7 +68,7 @@ def make_fake_study(root: Path, variants=("softmax", "softmax1"), seeds=3, data=
                 probs /= probs.sum(-1, keepdims=True) * (1.25 if v != "softmax" else 1.0)
                 np.savez(d / "attn_sample.npz", probs=probs.astype(np.float32))
                 summary = {"val_loss": 2.2 + s * 0.01, "tokens_per_s": 1000.0, "wall_s": 3.0, "iters": 20}
-                row = study.run_row(v, s, summary, ev, spec["quant"], f"runs/{name}", 4.0)
+                row = study.run_row(v, s, summary, ev, spec.metrics, f"runs/{name}", 4.0)
             atomic_write_json(d / "result.json", row)
     return spec
 
@@ -86,7 +88,7 @@ class Images(HTMLParser):
 
 def test_run_row_uses_the_documented_weights_and_sites():
     ev = fake_eval(np.random.default_rng(1), "softmax1", ["w8a8"])
-    row = study.run_row("softmax1", 0, {"val_loss": 2.0}, ev, ["w8a8"], "runs/x", 1.0)
+    row = study.run_row("softmax1", 0, {"val_loss": 2.0}, ev, study_metrics(["w8a8"]), "runs/x", 1.0)
     lin = [w["kurtosis"] for w in ev["weights"] if w["kurtosis"] < 1e6]
     assert row["weight_kurtosis_max"] == pytest.approx(max(lin))
     assert row["weight_kurtosis_mean"] == pytest.approx(np.mean(lin))

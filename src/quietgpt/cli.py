@@ -45,14 +45,23 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    """List the shipped presets, or print one as TOML."""
-    from .config import preset_names, preset_text
+    """List the shipped presets (training and study) with their descriptions, or print one as TOML."""
+    from .config import preset_description, preset_names, preset_text, study_preset_names, study_preset_text
 
     if args.name:
-        print(preset_text(args.name), end="")
+        study = args.kind == "study" or (args.kind is None and args.name in study_preset_names()
+                                         and args.name not in preset_names())
+        if study and args.name not in study_preset_names():
+            raise QuietError(f"unknown study preset {args.name!r}; choose one of {', '.join(study_preset_names())}")
+        print(study_preset_text(args.name) if study else preset_text(args.name), end="")
         return 0
-    for name in preset_names():
-        print(name)
+    for kind, names, text in (("training presets (quietgpt train/prepare --preset NAME)", preset_names(),
+                               preset_text),
+                              ("study presets (quietgpt study --preset NAME)", study_preset_names(),
+                               study_preset_text)):
+        print(f"{kind}:")
+        for name in names:
+            print(f"  {name:22s} {preset_description(text(name))}")
     return 0
 
 
@@ -157,14 +166,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         result = evaluate_checkpoint(args.checkpoint, data=args.data, **kw)
     atomic_write_json(args.json, result)
+    from .registry import catalogue
+
     ppl = result["perplexity"]
     s = result["summary"]
     print(f"perplexity fp {ppl['fp']:.4f} over {ppl['tokens']} tokens"
           + "".join(f", {q} {ppl[q]:.4f}" for q in quant))
-    for key in ("weight_kurtosis_max", "block_out_kurtosis_mean", "block_out_inf_norm_max", "act_inf_norm_max",
-                "unassigned_mass_mean", "first_token_mass_mean"):
-        if s.get(key) is not None:
-            print(f"{key} {s[key]:.4g}")
+    for key, m in catalogue(quant, result.get("eval_tokens")).items():  # the registry's eval metrics
+        if m.source == "eval" and not key.startswith("ppl") and s.get(key) is not None:
+            print(f"{m.label} ({key}): {s[key]:.4g}")
     print(f"wrote {args.json} ({result['wall_s']:.1f} s)")
     return 0
 
@@ -175,7 +185,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .study import run_study
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    results = run_study(args.out, args.preset, variants=variants, seeds=args.seeds, data=args.data,
+    results = run_study(args.out, args.preset, variants=variants, seeds=args.seeds, baseline=args.baseline,
+                        data=args.data,
                         device=args.device, overrides=parse_assignments(args.set), jobs=args.jobs,
                         quant=None if args.quant is None else [q for q in args.quant.split(",") if q.strip()],
                         launcher=args.launcher, force=args.force, progress=True)
@@ -211,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (shows attention paths)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("presets", help="list the shipped presets, or print one")
-    p.add_argument("name", nargs="?", help="a preset name (or .toml path) to print as TOML")
+    p = sub.add_parser("presets", help="list the shipped training and study presets, or print one")
+    p.add_argument("name", nargs="?", help="a preset name (or .toml path) to print as TOML (the training "
+                   "preset when both kinds have the name, unless --kind study)")
+    p.add_argument("--kind", choices=["train", "study"], help="which kind of preset NAME is")
     p.set_defaults(fn=cmd_presets)
 
     p = sub.add_parser("prepare", help="tokenise a data source into cached train.bin / val.bin")
@@ -255,10 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="train variants over seeds, measure them, and write a report")
     p.add_argument("--preset", default="default",
-                   help="study preset: default, shakespeare-char-cpu, shakespeare-char, full, gpt2-small")
+                   help="study preset (see `quietgpt presets`) or a .toml file with a [study] table")
     p.add_argument("--out", required=True, help="study folder")
     p.add_argument("--variants", help="comma-separated attention variants")
     p.add_argument("--seeds", type=int, help="number of seeds")
+    p.add_argument("--baseline", help="the variant the others are compared with (default: the preset's, softmax)")
     p.add_argument("--data", help="data source")
     p.add_argument("--device", help="cpu, cuda, mps or auto")
     p.add_argument("--quant", help="comma-separated quantization sweep (default: the preset's, e.g. "

@@ -9,6 +9,7 @@ the key, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import sys
 import typing
@@ -226,13 +227,90 @@ def read_toml(name_or_path: str) -> dict:
         raise ConfigError(f"{name_or_path} is not valid TOML ({e}); fix the file") from None
 
 
-# Tables a preset may carry for other tools (`quietgpt study` reads [study]); anything else is a typo.
-TOOL_SECTIONS = ("study", "eval", "measure", "report", "bench")
+# ----------------------------------------------------------------------------- the [study] table
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A TOML file's [study] table: what `quietgpt study` trains and measures on top of the run config.
+
+    The run config of every run is: the `base` training preset, then this file's [model]/[data]/[train]
+    tables, then the command line's overrides; each run sets its own attention variant and seed.
+    """
+    description: str = ""
+    base: str = "default"  # the training preset (name or .toml path) the runs start from
+    variants: tuple[str, ...] = ("softmax", "softmax1", "sink")
+    seeds: int = 3  # seeds 0 .. seeds-1; every variant runs once per seed (a paired design)
+    baseline: str = "softmax"  # the variant every other one is compared with; must be one of variants
+    quant: tuple[str, ...] = ("w8a8", "w6a8", "w4a8")  # the quantization sweep (quant.parse_quant)
+    n_sequences: int = 32  # validation windows for the activation and attention statistics
+    calib_batches: int = 8  # training batches that calibrate activation quantization ranges
+    eval_tokens: int = 0  # perplexity on the first eval_tokens validation tokens; 0 = the whole split
+
+    @classmethod
+    def from_dict(cls, table: dict, where: str = "[study]") -> StudyConfig:
+        """From a TOML table (lists for variants/quant) or command-line strings ("a,b"); an unknown key or
+        a value of the wrong type is a ConfigError naming `study.<key>`."""
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in table.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean study.{close[0]}?)" if close else ""
+                raise ConfigError(f"unknown key study.{key}{hint} in {where}; known study keys: "
+                                  f"{', '.join(sorted(known))}")
+            if key in ("variants", "quant"):
+                items = value.split(",") if isinstance(value, str) else value
+                if not isinstance(items, list | tuple) or not all(isinstance(x, str) for x in items):
+                    raise ConfigError(f"study.{key} expects a list of names, got {value!r}")
+                values[key] = tuple(x.strip() for x in items if x.strip())
+            else:
+                values[key] = _coerce("study", key, type(getattr(cls, key)), value)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for name in ("seeds", "n_sequences"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"study.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.calib_batches < 0 or self.eval_tokens < 0 or self.eval_tokens == 1:
+            raise ConfigError("study.calib_batches must be >= 0 and study.eval_tokens 0 (all) or >= 2")
+        if not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ConfigError(f"study.variants must name distinct attention variants, got {','.join(self.variants)!r}")
+        if self.baseline not in self.variants:
+            raise ConfigError(f"the baseline {self.baseline!r} is not among the variants ({', '.join(self.variants)}); "
+                              "add it to --variants or name another with --baseline")
+
+
+def study_preset_names() -> list[str]:
+    """Names of the study presets shipped in the package (quietgpt/presets/studies/*.toml)."""
+    return sorted(p.name[:-5] for p in resources.files("quietgpt.presets.studies").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def study_preset_text(name: str) -> str:
+    """The TOML text of a shipped study preset."""
+    return resources.files("quietgpt.presets.studies").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+
+
+def preset_description(text: str) -> str:
+    """A preset's one-line description: its [study] description, else its first comment line."""
+    try:
+        study = tomllib.loads(text).get("study")
+    except tomllib.TOMLDecodeError:
+        study = None
+    if isinstance(study, dict) and isinstance(study.get("description"), str):
+        return study["description"]
+    return next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
+
+
+# A TOML file may carry a [study] table (read by `quietgpt study`; checked here too, so a typo in it is
+# an error whichever verb reads the file); any other unknown table is a typo.
+TOOL_SECTIONS = ("study",)
 
 
 def load_config(preset: str = "default", overrides: dict | None = None) -> RunConfig:
-    """Defaults <- preset/TOML file <- overrides. Tables for other tools (TOOL_SECTIONS, e.g. a
-    preset's [study]) are ignored here; any other unknown table or key is a ConfigError naming it."""
+    """Defaults <- preset/TOML file <- overrides. A [study] table is checked (StudyConfig) but not used
+    here; any other unknown table or key is a ConfigError naming it."""
     doc = read_toml(preset)
     for k, v in doc.items():
         if not isinstance(v, dict):
@@ -241,6 +319,8 @@ def load_config(preset: str = "default", overrides: dict | None = None) -> RunCo
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] in {preset}; use [model], [data] or [train] "
                           f"(other tools read [{'], ['.join(TOOL_SECTIONS)}])")
+    if "study" in doc:
+        StudyConfig.from_dict(doc["study"], f"[study] of {preset}")
     base = {k: v for k, v in doc.items() if k in SECTIONS}
     cfg = apply_overrides(RunConfig(), base)
     return apply_overrides(cfg, overrides or {})

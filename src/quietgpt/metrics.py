@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .errors import QuietError
 from .model import GPT, SITES
 from .quant import parse_quant_list, quantized
+from .registry import ACTIVATIONS, eval_summary
 
 Tensor = torch.Tensor
 
@@ -352,6 +353,7 @@ class Measurement:
     calib_batches: int
     timings: dict[str, float]
     wall_s: float
+    eval_tokens: int | None = None  # perplexity on the first eval_tokens validation tokens (None: all)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -371,32 +373,18 @@ def _jsonable(obj):
     return obj
 
 
-def _summary(weights, activations, attention, perplexity) -> dict:
-    """Headline numbers: the quantities Bondarenko et al. tabulate, with where they come from."""
-    lin = [w for w in weights if w["kind"] == "linear" and w["kurtosis"] is not None]
-    acts = [a for a in activations if a["site"] != "attn_probs" and a["kurtosis"] is not None]
-    block = [a for a in activations if a["site"] == "block_out"]
-    out: dict[str, Any] = {
-        "weight_kurtosis_max": max((w["kurtosis"] for w in lin), default=None),
-        "weight_kurtosis_mean": float(np.mean([w["kurtosis"] for w in lin])) if lin else None,
-        "weight_max_abs": max((w["max_abs"] for w in lin), default=None),
-        # the paper's "max inf. norm" and "avg. kurtosis", here on the residual stream after each block
-        "block_out_inf_norm_max": max((a["inf_norm_mean"] for a in block), default=None),
-        "block_out_kurtosis_mean": float(np.mean([a["kurtosis"] for a in block if a["kurtosis"] is not None]))
-        if any(a["kurtosis"] is not None for a in block) else None,
-        "act_inf_norm_max": max((a["inf_norm_max"] for a in acts), default=None),
-        "unassigned_mass_mean": float(np.mean([a["unassigned_mass"] for a in attention])) if attention else None,
-        "first_token_mass_mean": float(np.mean([a["first_token_mass"] for a in attention])) if attention else None,
-        "attention_entropy_mean": float(np.mean([a["entropy"] for a in attention])) if attention else None,
-    }
+def _summary(weights, activations, attention, perplexity, quant: Sequence[str], eval_tokens: int | None) -> dict:
+    """Every eval metric of the registry (registry.py: one definition each), plus where the largest
+    activation kurtosis and |activation| sit (site, layer, dim, position, token), which are locations,
+    not metrics."""
+    ev = {"weights": weights, "activations": activations, "attention": attention, "perplexity": perplexity}
+    out: dict[str, Any] = eval_summary(ev, quant, eval_tokens)
+    acts = [a for a in ACTIVATIONS.entries(ev) if a["kurtosis"] is not None]
     if acts:
         worst = max(acts, key=lambda a: a["kurtosis"])
-        out["act_kurtosis_max"] = worst["kurtosis"]
         out["act_kurtosis_max_at"] = dict(site=worst["site"], layer=worst["layer"])
         big = max(acts, key=lambda a: a["inf_norm_max"])
         out["act_inf_norm_max_at"] = dict(site=big["site"], layer=big["layer"], **big["max"])
-    fp = perplexity.get("fp")
-    out["ppl_increase"] = {k: v - fp for k, v in perplexity.items() if k not in ("fp", "tokens") and fp is not None}
     return out
 
 
@@ -417,19 +405,23 @@ def _calibration_batches(train: np.ndarray, n: int, batch_size: int, block_size:
 def measure(model: GPT, dataset, *, quant: Sequence[str] | str = ("w8a8",), n_sequences: int = 64,
             calib_batches: int = 16, seed: int = 0, device: str | torch.device = "cpu",
             batch_size: int = 16, calib_batch_size: int = 8, block_size: int | None = None, top_k: int = 5,
-            checkpoint: str | None = None, data: str | None = None) -> Measurement:
+            checkpoint: str | None = None, data: str | None = None, eval_tokens: int | None = None) -> Measurement:
     """Measure `model` on `dataset` (anything with 1-D integer arrays .train and .val and .vocab_size).
 
-    Float perplexity over the whole validation split in non-overlapping windows of block_size (default:
-    the model's); activation and attention statistics over `n_sequences` full windows drawn from those
-    with `seed`; weight statistics; and for each quant config (see quant.parse_quant), perplexity of the
-    fake-quantized model calibrated on `calib_batches` seeded batches of the training split. The model
-    is left as it was (weights restored, hooks removed, train/eval mode kept).
+    Float perplexity over the whole validation split (or its first `eval_tokens` tokens) in
+    non-overlapping windows of block_size (default: the model's); activation and attention statistics
+    over `n_sequences` full windows drawn from those with `seed`; weight statistics; and for each quant
+    config (see quant.parse_quant), perplexity of the fake-quantized model calibrated on `calib_batches`
+    seeded batches of the training split. The model is left as it was (weights restored, hooks removed,
+    train/eval mode kept).
     """
     t_start = time.perf_counter()
     configs = parse_quant_list(quant)
     T = min(block_size or model.config.block_size, model.config.block_size)
-    val = dataset.val
+    if eval_tokens is not None and (isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int)
+                                    or eval_tokens < 2):
+        raise QuietError(f"eval_tokens must be an integer >= 2 (or None for the whole split), got {eval_tokens!r}")
+    val = dataset.val if eval_tokens is None else dataset.val[:eval_tokens]
     vocab = int(getattr(dataset, "vocab_size", 0) or 0)
     if vocab > model.config.vocab_size:
         raise QuietError(f"the data's vocabulary ({vocab} tokens) is larger than the model's "
@@ -478,12 +470,13 @@ def measure(model: GPT, dataset, *, quant: Sequence[str] | str = ("w8a8",), n_se
             perplexity[cfg.name] = _ppl(nll_q, ntok)
             loss[cfg.name] = nll_q / ntok
         activations, attention = collector.activation_rows(), collector.attention_rows()
+        summary = _summary(weights, activations, attention, perplexity, [c.name for c in configs], eval_tokens)
         return Measurement(
             weights=weights, weights_by_layer=by_layer, activations=activations, attention=attention,
-            perplexity=perplexity, loss=loss, summary=_summary(weights, activations, attention, perplexity),
+            perplexity=perplexity, loss=loss, summary=summary,
             quant={c.name: c.to_dict() for c in configs}, model=model.config.to_dict(), checkpoint=checkpoint,
             data=data, n_sequences=len(sample), block_size=T, seed=seed, calib_batches=calib_batches,
-            timings=timings, wall_s=time.perf_counter() - t_start,
+            timings=timings, wall_s=time.perf_counter() - t_start, eval_tokens=eval_tokens,
         )
     finally:
         model.train(was_training)

@@ -265,11 +265,7 @@ def quantized(model: GPT, cfg: QuantConfig, calibration: Iterable[Tensor]) -> It
         quant_output(model.tap_embeddings, "embeddings")  # the first residual stream value / ln_1 input
         for i, block in enumerate(model.transformer.h):
             quant_output(block.attn.core.tap_probs, f"h.{i}.attn_probs")
-            mid = getattr(block, "tap_resid", None)
-            if mid is not None:
-                quant_output(mid, f"h.{i}.resid_attn")  # x + attn(ln_1(x)), the ln_2 input
-            else:  # older model without the tap: quantize the ln_2 input instead
-                quant_input(block.ln_2, f"h.{i}.ln_2_in")
+            quant_output(block.tap_resid, f"h.{i}.resid_attn")  # x + attn(ln_1(x)), the ln_2 input
             quant_output(block.tap_out, f"h.{i}.block_out")  # x + mlp(ln_2(x)): the next LayerNorm's input
         for name, mod in _linears(model, cfg):
             quant_input(mod, f"{name}.in")

@@ -32,12 +32,12 @@ import numpy as np
 from .atomic import atomic_write, atomic_write_text
 from .attention import NULL_VARIANTS  # the variants that can leave attention mass on "nothing"
 from .errors import QuietError
+from .registry import ACT_SITES, ACTIVATIONS, BLOCK_WEIGHTS
 from .stats import fmt
 
 QUESTION = ("Does softmax1 attention (exp(x_i) / (1 + sum_j exp(x_j)), \"quiet attention\") remove the outlier "
             "weights and activations that make transformers hard to quantize, and what does it do to quality "
             "and to low-bit quantization?")
-BASELINE = "softmax"
 
 
 # ----------------------------------------------------------------------------- reading a study
@@ -157,7 +157,8 @@ def plot_loss_curves(data: list[dict], variants: Sequence[str], out: Path) -> bo
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.set_ylabel("cross-entropy (nats/token)")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle("Loss curves: mean over seeds, band = min..max")
     if drawn:
         _save(fig, out)
@@ -220,7 +221,8 @@ def _plot_per_layer(data, variants, out: Path, section: str, keep, panels, supti
         if ylabel:
             ax.set_ylabel(ylabel)
         _layer_axis(ax)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(suptitle)
     if drawn:
         _save(fig, out)
@@ -229,16 +231,16 @@ def _plot_per_layer(data, variants, out: Path, section: str, keep, panels, supti
     return drawn
 
 
-def plot_weight_kurtosis(data, variants, out: Path, is_block_weight) -> bool:
-    return _plot_per_layer(data, variants, out, "weights", is_block_weight,
+def plot_weight_kurtosis(data, variants, out: Path, keep) -> bool:
+    return _plot_per_layer(data, variants, out, "weights", keep,
                            [("kurtosis", max, "max over the layer's matmul weights"),
                             ("kurtosis", np.mean, "mean over the layer's matmul weights")],
                            "Weight kurtosis per layer (mean over seeds, band = min..max)", "layer",
                            "kurtosis (normal = 3)")
 
 
-def plot_activations(data, variants, out: Path, is_act_site) -> bool:
-    return _plot_per_layer(data, variants, out, "activations", is_act_site,
+def plot_activations(data, variants, out: Path, keep) -> bool:
+    return _plot_per_layer(data, variants, out, "activations", keep,
                            [("inf_norm_max", max, "infinity norm (max over sites)"),
                             ("kurtosis", np.mean, "kurtosis (mean over sites)")],
                            "Activations per layer (mean over seeds, band = min..max)", "layer (-1 = embeddings)")
@@ -373,7 +375,7 @@ def build_document(results: dict, plots: list[tuple[str, str]]) -> list[tuple]:
     blocks += [("h2", "Setup"), ("ul", [
         f"study preset: {cfg.get('preset')} (training preset {cfg.get('train_preset')}); "
         f"overrides: {', '.join(f'{k}={v}' for k, v in sorted(cfg.get('overrides', {}).items())) or 'none'}",
-        f"variants: {', '.join(variants)}; baseline: {BASELINE}",
+        f"variants: {', '.join(variants)}; baseline: {cfg.get('baseline')}",
         f"seeds: {', '.join(str(s) for s in cfg.get('seeds', []))} (paired design: for each seed every variant "
         "starts from the same shared initial weights and sees the same batches in the same order)",
         f"data: {run_cfg.get('data', {}).get('source')} (tokenizer {run_cfg.get('data', {}).get('tokenizer')})"
@@ -404,7 +406,7 @@ def build_document(results: dict, plots: list[tuple[str, str]]) -> list[tuple]:
                  for m in [*[m for m in results.get("metric_order", []) if m in summary],
                            *[m for m in summary if m not in results.get("metric_order", [])]]])]
     comps = results.get("comparisons", [])
-    blocks += [("h2", f"Paired comparisons against {BASELINE}"),
+    blocks += [("h2", f"Paired comparisons against {cfg.get('baseline')}"),
                ("p", "Differences are variant minus baseline, paired by seed. The interval is the 95% Student-t "
                      "interval of the per-seed differences; p-values are the paired t-test and the exact "
                      "sign-flip permutation test over all 2^n sign patterns (whose smallest possible two-sided "
@@ -415,7 +417,9 @@ def build_document(results: dict, plots: list[tuple[str, str]]) -> list[tuple]:
                   fmt(c.get("diff_mean")), f"{fmt(c.get('ci95_low'))} .. {fmt(c.get('ci95_high'))}",
                   str(c.get("n")), fmt(c.get("p_value"), 2), fmt(c.get("p_exact"), 2), c.get("verdict", "")]
                  for c in comps])]
-    blocks += [("h2", "Definitions"), ("ul", [f"{m.get('label', k)} (`{k}`): {m.get('definition', '')}"
+    blocks += [("h2", "Definitions"), ("ul", [f"{m.get('label', k)} (`{k}`, {m.get('unit', '')}): "
+                                               f"{m.get('definition', '')}" + (f" [{m['paper']}]" if m.get("paper")
+                                                                                 not in (None, "-") else "")
                                                for k, m in metrics.items()])]
     blocks += [("h2", "Plots")]
     for path, caption in plots:
@@ -495,22 +499,6 @@ def render_html(blocks: list[tuple], study_dir: Path) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def is_block_weight(entry: dict) -> bool:
-    """The weights that enter weight_kurtosis_*: the four matmul weights of every block (attn.c_attn,
-    attn.c_proj, mlp.c_fc, mlp.c_proj); not embeddings, lm_head, LayerNorm, biases, sink logits or gates."""
-    name = str(entry.get("name", ""))
-    return int(entry.get("layer", -1)) >= 0 and name.endswith(
-        ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))
-
-
-ACT_SITES = ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out")
-
-
-def is_act_site(entry: dict) -> bool:
-    """The activations that enter act_*: every observation site except attn_probs (see ACT_SITES)."""
-    return entry.get("site") in ACT_SITES
-
-
 def write_report(study_dir: str | Path) -> dict[str, Path]:
     """Write plots/*.png, report.md and report.html from results.json and the run folders.
 
@@ -533,9 +521,9 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
     add("loss_curves.png", plot_loss_curves(data, variants, plot_dir / "loss_curves.png"),
         "Loss curves per variant: mean over seeds, band = min..max over seeds.")
     add("weight_kurtosis.png", plot_weight_kurtosis(data, variants, plot_dir / "weight_kurtosis.png",
-                                                    is_block_weight),
+                                                    BLOCK_WEIGHTS.keep),
         "Per-layer kurtosis of the block matmul weights (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).")
-    add("activations.png", plot_activations(data, variants, plot_dir / "activations.png", is_act_site),
+    add("activations.png", plot_activations(data, variants, plot_dir / "activations.png", ACTIVATIONS.keep),
         f"Per-layer activation infinity norm and kurtosis over the sites {', '.join(ACT_SITES)}.")
     for v in variants:
         if v in NULL_VARIANTS:
@@ -554,10 +542,6 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
     return {"md": md_path, "html": html_path, "plots": [study_dir / p for p, _ in plots]}
 
 
-HEADLINE = ("val_loss", "ppl", "ppl_w8a8", "ppl_ratio_w8a8", "weight_kurtosis_max", "act_inf_norm_max",
-            "act_kurtosis_mean", "unassigned_mass_mean")
-
-
 def text_summary(results: dict) -> str:
     """What `quietgpt study` and `quietgpt report` print: the headline metrics per variant (mean [95% CI]),
     their verdicts against the baseline, and any failed runs. Plain text for a terminal."""
@@ -565,8 +549,8 @@ def text_summary(results: dict) -> str:
     metrics = results.get("metrics", {})
     summary = results.get("summary", {})
     runs = results.get("runs", [])
-    rows = [[metrics.get(m, {}).get("label", m), *[_cell_ci(summary[m].get(v)) for v in variants]]
-            for m in HEADLINE if m in summary]
+    headline = [m for m in results.get("metric_order", []) if metrics.get(m, {}).get("headline") and m in summary]
+    rows = [[metrics[m].get("label", m), *[_cell_ci(summary[m].get(v)) for v in variants]] for m in headline]
     header = ["metric", *variants]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = [f"{sum(r.get('status') == 'ok' for r in runs)} of {len(runs)} runs ok; study wall time "
@@ -574,6 +558,6 @@ def text_summary(results: dict) -> str:
     for r in [header, *rows]:
         lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
     lines.append("verdicts (paired by seed, against the baseline):")
-    lines += [f"- {c['verdict']}" for c in results.get("comparisons", []) if c["metric"] in HEADLINE]
+    lines += [f"- {c['verdict']}" for c in results.get("comparisons", []) if c["metric"] in headline]
     lines += [f"FAILED {r['variant']} seed {r['seed']}: {r.get('error')}" for r in runs if r.get("status") != "ok"]
     return "\n".join(lines)

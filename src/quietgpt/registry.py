@@ -1,0 +1,209 @@
+"""The metric registry: every per-run number quietgpt reports, defined once.
+
+A `Metric` says what it measures (key, label, unit, a definition in words, the paper whose definition it
+follows), which tensors or sites it reads (a `Selection` of the eval JSON's entries) and how it reduces
+them, and which way is bad. Everything that shows a metric reads this table: `metrics.measure`'s
+summary (and so `quietgpt eval`'s JSON and printout), the study's rows and results.csv, the report's
+tables, definitions and per-layer plots. So a metric has one value wherever it appears, and a new one
+is one entry here (plus, if it needs a new statistic, the collector in metrics.py that produces it).
+
+Sources: "eval" metrics are computed from `Measurement.to_dict()` (eval.json), "train" metrics from
+train()'s summary dict, "run" metrics are facts of the run itself (wall time), which the study records
+but never compares: they are properties of the machine, not effects of the attention variant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- what a metric reads
+
+
+def is_block_weight(entry: dict) -> bool:
+    """The weights that enter weight_kurtosis_*: the four matmul weights of every block (attn.c_attn,
+    attn.c_proj, mlp.c_fc, mlp.c_proj). Gate weights are left out on purpose: only gated variants have
+    them, and a paired comparison must read the same tensors in every variant."""
+    name = str(entry.get("name", ""))
+    return int(entry.get("layer", -1)) >= 0 and name.endswith(
+        ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))
+
+
+ACT_SITES = ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out")  # every site but attn_probs
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which entries of one eval JSON section ("weights", "activations", "attention") a metric reads."""
+    section: str
+    text: str  # what is selected, in words (goes into the metric's definition)
+    keep: Callable[[dict], bool]
+
+    def entries(self, ev: dict) -> list[dict]:
+        return [e for e in ev.get(self.section) or [] if self.keep(e)]
+
+
+BLOCK_WEIGHTS = Selection(
+    "weights", "the block matmul weights (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj of every layer; not "
+    "embeddings, lm_head, LayerNorm, biases, sink logits or gate weights)", is_block_weight)
+ACTIVATIONS = Selection(
+    "activations", f"the observation sites {', '.join(ACT_SITES)} of every layer (all sites except attn_probs)",
+    lambda e: e.get("site") in ACT_SITES)
+BLOCK_OUT = Selection("activations", "the residual stream after each block (site block_out)",
+                      lambda e: e.get("site") == "block_out")
+HEADS = Selection("attention", "every (layer, head)", lambda e: True)
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def number(x) -> float | None:
+    """A finite float from a number or a {ppl|perplexity|value: number} dict, else None (never NaN)."""
+    if isinstance(x, dict):
+        x = next((x[k] for k in ("ppl", "perplexity", "value") if k in x), None)
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _reduce(fn: Callable[[list[float]], float]) -> Callable[[Sequence], float | None]:
+    def reduce(values: Sequence) -> float | None:
+        vals = [v for v in (number(x) for x in values) if v is not None]
+        return float(fn(vals)) if vals else None
+    return reduce
+
+
+MAX, MEAN = _reduce(max), _reduce(np.mean)
+
+
+# ----------------------------------------------------------------------------- the metric
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One reported number. Either `select` + `field` + `reduce` (a reduction over eval JSON entries) or
+    `read(ev, summary)` (anything else) computes it; `value` is the one entry point."""
+    key: str
+    label: str
+    unit: str
+    definition: str  # what is measured and how it is reduced, in words
+    paper: str  # whose definition this follows
+    source: str  # "eval" | "train" | "run"
+    higher_is_worse: bool | None = True  # None: no direction (a fact, or a property like abstention)
+    select: Selection | None = None
+    field: str | None = None
+    reduce: Callable[[Sequence], float | None] | None = None
+    read: Callable[[dict, dict], float | None] | None = None
+    study: bool = True  # a column of the study's rows
+    compared: bool = True  # in the study's paired comparisons
+    headline: bool = False  # in the terminal summaries
+
+    def value(self, ev: dict | None = None, summary: dict | None = None) -> float | None:
+        """This metric of one run, from its eval JSON `ev` and its training summary; None when absent."""
+        ev, summary = ev or {}, summary or {}
+        if self.read is not None:
+            return number(self.read(ev, summary))
+        assert self.select is not None and self.field is not None and self.reduce is not None
+        return self.reduce([e.get(self.field) for e in self.select.entries(ev)])
+
+    def describe(self) -> dict:
+        """The JSON description written into results.json's "metrics" (and shown by the report)."""
+        return {"label": self.label, "unit": self.unit, "definition": self.definition, "paper": self.paper,
+                "higher_is_worse": self.higher_is_worse, "headline": self.headline}
+
+
+BONDARENKO = "Bondarenko et al. 2023, Quantizable Transformers (outlier-free-transformers)"
+NANOGPT = "karpathy/nanoGPT train.py"
+
+
+def _ppl_scope(eval_tokens: int | None) -> str:
+    return (f"the first {eval_tokens:,} tokens of the validation split" if eval_tokens
+            else "the whole validation split")
+
+
+def _quant_metrics(quant: Sequence[str]) -> list[Metric]:
+    """ppl_<q> for every quant config, then ppl_ratio_<q> for every one; the sweep's first config is the
+    headline one."""
+    def ppl(q: str) -> Callable[[dict, dict], float | None]:
+        return lambda ev, s: (ev.get("perplexity") or {}).get(q)
+
+    def ratio(q: str) -> Callable[[dict, dict], float | None]:
+        def read(ev: dict, s: dict) -> float | None:
+            p = ev.get("perplexity") or {}
+            fp, pq = number(p.get("fp")), number(p.get(q))
+            return pq / fp if fp and pq else None
+        return read
+
+    return [*(Metric(f"ppl_{q}", f"perplexity ({q})", "perplexity", f"perplexity with simulated {q} "
+                     "quantization of weights and activations (quant.py; activation ranges calibrated on "
+                     "training batches), on the same tokens as the FP perplexity", BONDARENKO, "eval",
+                     read=ppl(q), headline=i == 0) for i, q in enumerate(quant)),
+            *(Metric(f"ppl_ratio_{q}", f"{q} / FP perplexity", "ratio", f"ppl_{q} / ppl: the quantization "
+                     "penalty (1 = none)", BONDARENKO, "eval", read=ratio(q), headline=i == 0)
+              for i, q in enumerate(quant))]
+
+
+def catalogue(quant: Sequence[str] = ("w8a8",), eval_tokens: int | None = None) -> dict[str, Metric]:
+    """Every metric, in report order, for a measurement with these quant configs and perplexity scope."""
+    w = "each tensor's kurtosis (Pearson, normal = 3) over " + BLOCK_WEIGHTS.text
+    first: list[Metric] = [
+        Metric("val_loss", "validation loss", "nats/token", "train.py's final validation cross-entropy, mean "
+               "over train.eval_iters random validation batches", NANOGPT, "train",
+               read=lambda ev, s: s.get("val_loss"), headline=True),
+        Metric("ppl", "perplexity (FP)", "perplexity", "exp of the mean cross-entropy of the final model over "
+               f"{_ppl_scope(eval_tokens)} (non-overlapping windows of block_size), floating point", BONDARENKO,
+               "eval", read=lambda ev, s: (ev.get("perplexity") or {}).get("fp"), headline=True),
+        Metric("weight_kurtosis_mean", "weight kurtosis mean", "kurtosis", f"mean of {w}", BONDARENKO, "eval",
+               select=BLOCK_WEIGHTS, field="kurtosis", reduce=MEAN),
+        Metric("weight_kurtosis_max", "weight kurtosis max", "kurtosis", f"max of {w}", BONDARENKO, "eval",
+               select=BLOCK_WEIGHTS, field="kurtosis", reduce=MAX, headline=True),
+        Metric("weight_max_abs", "weight max |w|", "absolute value", "largest |w| over " + BLOCK_WEIGHTS.text,
+               BONDARENKO, "eval", select=BLOCK_WEIGHTS, field="max_abs", reduce=MAX, study=False),
+        Metric("act_inf_norm_max", "activation inf-norm max", "absolute value",
+               "largest |activation| over " + ACTIVATIONS.text, BONDARENKO, "eval", select=ACTIVATIONS,
+               field="inf_norm_max", reduce=MAX, headline=True),
+        Metric("act_kurtosis_mean", "activation kurtosis mean", "kurtosis", "mean over the same sites and "
+               "layers of the activation tensor's kurtosis (Pearson, pooled over the sampled sequences)",
+               BONDARENKO, "eval", select=ACTIVATIONS, field="kurtosis", reduce=MEAN, headline=True),
+        Metric("act_kurtosis_max", "activation kurtosis max", "kurtosis", "max over the same sites and layers "
+               "of the activation tensor's kurtosis", BONDARENKO, "eval", select=ACTIVATIONS, field="kurtosis",
+               reduce=MAX, study=False),
+        Metric("block_out_inf_norm_seq_mean_max", "block output inf-norm (sequence mean, layer max)",
+               "absolute value", "per layer, the infinity norm of " + BLOCK_OUT.text + " per sequence, "
+               "averaged over the sampled sequences; then the max over layers", BONDARENKO, "eval",
+               select=BLOCK_OUT, field="inf_norm_mean", reduce=MAX, study=False),
+        Metric("block_out_kurtosis_mean", "block output kurtosis mean", "kurtosis", "mean over layers of the "
+               "kurtosis of " + BLOCK_OUT.text, BONDARENKO, "eval", select=BLOCK_OUT, field="kurtosis",
+               reduce=MEAN, study=False),
+        Metric("unassigned_mass_mean", "unassigned attention mass", "probability", "mean over layers, heads and "
+               "query positions of 1 - sum of the attention weights (0 by construction for softmax)",
+               "Miller 2023, Attention is off by one", "eval", higher_is_worse=None, select=HEADS,
+               field="unassigned_mass", reduce=MEAN, headline=True),
+        Metric("first_token_mass_mean", "first-token attention mass", "probability", "mean over layers, heads "
+               "and query positions of the attention weight on the first key", "Xiao et al. 2024, attention "
+               "sinks", "eval", select=HEADS, field="first_token_mass", reduce=MEAN, study=False),
+        Metric("attention_entropy_mean", "attention entropy", "nats", "mean over layers, heads and query "
+               "positions of the entropy of the attention distribution (keys plus 'nothing')", BONDARENKO,
+               "eval", higher_is_worse=None, select=HEADS, field="entropy", reduce=MEAN, study=False),
+    ]
+    last = [
+        Metric("tokens_per_s", "training tokens/s", "tokens/s", "training throughput (shared CPU: noisy with "
+               "--jobs > 1)", NANOGPT, "train", higher_is_worse=False, read=lambda ev, s: s.get("tokens_per_s"),
+               compared=False),
+        Metric("wall_s", "run wall time (s)", "s", "seconds to train and measure the run", "-", "run",
+               higher_is_worse=None, read=lambda ev, s: s.get("wall_s"), compared=False),
+    ]
+    return {m.key: m for m in (*first, *_quant_metrics(quant), *last)}
+
+
+def eval_summary(ev: dict, quant: Sequence[str], eval_tokens: int | None = None) -> dict[str, float | None]:
+    """{key: value} of every eval-sourced metric of one eval JSON (what `measure` puts in its summary)."""
+    return {k: m.value(ev) for k, m in catalogue(quant, eval_tokens).items() if m.source == "eval"}
+
+
+def study_metrics(quant: Sequence[str], eval_tokens: int | None = None) -> dict[str, Metric]:
+    """The metrics a study records per run, in report order."""
+    return {k: m for k, m in catalogue(quant, eval_tokens).items() if m.study}

@@ -1,0 +1,134 @@
+"""Where a study's runs execute: here one after another, a local process pool, or a SLURM job array.
+
+Runs are independent, so they fan out: jobs=1 runs them here (each run's training bar under the study's
+bar); jobs=N a local process pool (each worker gets cores // N torch threads, or its own GPU when there
+are several); launcher "slurm" submits a job array through submitit ("submitit-local": submitit's local
+executor, the SLURM code path without a cluster). Every launcher reports each finished run's row to
+`on_done`; a worker that dies becomes a failed row, never a lost one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+
+from ..errors import QuietError
+from .run import execute_run, failed_row, run_name
+from .spec import StudySpec
+
+OnDone = Callable[[dict], None]
+_WORKER_THREADS = 0
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this worker when the study process dies (killed, preempted), so no
+    orphan keeps training into a run folder that the restarted study is about to redo."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the study died while this worker was still starting up
+        os._exit(1)
+
+
+def _init_worker(threads: int, gpu_queue, parent: int) -> None:
+    """Pool worker start: its share of CPU threads, and its own GPU when there are several."""
+    global _WORKER_THREADS
+    _WORKER_THREADS = threads
+    _die_with_parent(parent)
+    if gpu_queue is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
+
+
+def _pool_run(spec, variant, seed, study_dir):
+    return execute_run(spec, variant, seed, study_dir, threads=_WORKER_THREADS, progress=False)
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def auto_jobs(device: str) -> int:
+    """Runs at a time when --jobs is not given: one per CPU core on CPU (small models use cores far better
+    side by side than through intra-op threads), one per GPU on CUDA, 1 on MPS."""
+    from ..checkpoint import resolve_device
+
+    kind = resolve_device(device).type
+    if kind == "cuda":
+        return max(1, gpu_count())
+    if kind == "cpu":
+        return max(1, os.cpu_count() or 1)
+    return 1
+
+
+def run_here(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, on_start: Callable[[str], None],
+             on_done: OnDone, progress: bool) -> None:
+    """One run after another in this process."""
+    for v, s in todo:
+        on_start(run_name(v, s))
+        on_done(execute_run(spec, v, s, study_dir, progress=progress))
+
+
+def run_pool(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, jobs: int, on_done: OnDone) -> None:
+    """`jobs` runs at a time in spawned worker processes."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    gpu_queue = None
+    n_gpu = gpu_count() if spec.device != "cpu" else 0
+    if n_gpu > 1:
+        gpu_queue = ctx.Manager().Queue()
+        for i in range(jobs):
+            gpu_queue.put(i % n_gpu)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(threads, gpu_queue, os.getpid())) as pool:
+        futs = {pool.submit(_pool_run, spec, v, s, study_dir): (v, s) for v, s in todo}
+        for fut in as_completed(futs):
+            v, s = futs[fut]
+            try:
+                row = fut.result()
+            except Exception as e:  # the worker died (killed, out of memory) before writing its row
+                row = failed_row(v, s, f"runs/{run_name(v, s)}", f"worker died: {type(e).__name__}: {e}")
+            on_done(row)
+
+
+def run_submitit(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, jobs: int, on_done: OnDone,
+                 local: bool) -> None:
+    """A submitit job array (SLURM, or submitit's local executor when `local`), at most `jobs` at once."""
+    from pathlib import Path
+
+    try:
+        import submitit
+    except ImportError:
+        raise QuietError("--launcher slurm needs submitit: pip install 'quietgpt[slurm]'") from None
+    folder = Path(study_dir) / "slurm" / "%j"
+    if local:  # submitit's local executor: the SLURM code path without a cluster (tests)
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=24 * 60)
+    else:
+        if shutil.which("sbatch") is None:
+            raise QuietError("--launcher slurm needs a SLURM cluster (no sbatch on PATH); use --launcher local")
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        gpu = spec.device != "cpu"
+        ex.update_parameters(name="quietgpt-study", timeout_min=24 * 60, slurm_array_parallelism=jobs,
+                             gpus_per_node=1 if gpu else 0, cpus_per_task=8 if gpu else 4)
+    n = len(todo)
+    submitted = ex.map_array(execute_run, [spec] * n, [v for v, _ in todo], [s for _, s in todo], [study_dir] * n)
+    for job, (v, s) in zip(submitted, todo, strict=True):
+        try:
+            row = job.result()
+        except Exception as e:
+            row = failed_row(v, s, f"runs/{run_name(v, s)}", f"job {job.job_id} died: {type(e).__name__}: {e}")
+        on_done(row)

@@ -1,0 +1,170 @@
+"""The study spec: which variants, seeds and baseline, what to measure, and the run config they share.
+
+A study comes from a TOML file (a shipped study preset, quietgpt/presets/studies/*.toml, or a user's
+file) whose [study] table is a `config.StudyConfig` and whose [model]/[data]/[train] tables are layered
+on the `base` training preset; command-line options come last. `StudySpec` is that resolved study,
+frozen, and `to_dict()` is what study.json records (a rerun compares it to refuse a changed config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..config import (
+    SECTIONS,
+    RunConfig,
+    StudyConfig,
+    apply_overrides,
+    load_config,
+    read_toml,
+    study_preset_names,
+    study_preset_text,
+    tomllib,
+)
+from ..errors import ConfigError
+from ..registry import Metric, study_metrics
+
+MEASURE_KEYS = ("quant", "n_sequences", "calib_batches", "eval_tokens")
+COMPARED_KEYS = ("variants", "seeds", *MEASURE_KEYS, "run")  # the settings that change a study's results
+PER_RUN_KEYS = ("model.attention", "train.seed", "train.out_dir")  # set by the study for each run
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A resolved study. `run` is the run config every run shares (its out_dir, seed and attention are
+    set per run by `run_config`); `overrides` lists, for the report, what was set on top of the base."""
+    preset: str
+    description: str
+    train_preset: str
+    variants: tuple[str, ...]
+    seeds: tuple[int, ...]
+    baseline: str
+    quant: tuple[str, ...]
+    n_sequences: int
+    calib_batches: int
+    eval_tokens: int | None
+    run: RunConfig
+    overrides: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.baseline not in self.variants:
+            raise ConfigError(f"the baseline {self.baseline!r} is not among the variants "
+                              f"({', '.join(self.variants)}); add it to --variants or pass --baseline")
+
+    def run_config(self, variant: str, seed: int, run_dir: str | Path) -> RunConfig:
+        """The RunConfig of one run: the shared config with this variant, seed and folder."""
+        return apply_overrides(self.run, {"model.attention": variant, "train.seed": seed,
+                                          "train.out_dir": str(run_dir)})
+
+    @property
+    def metrics(self) -> dict[str, Metric]:
+        """The registry's metrics this study records per run, in report order."""
+        return study_metrics(self.quant, self.eval_tokens)
+
+    @property
+    def measure_settings(self) -> dict:
+        return {k: list(getattr(self, k)) if k == "quant" else getattr(self, k) for k in MEASURE_KEYS}
+
+    @property
+    def device(self) -> str:
+        return self.run.train.device
+
+    def to_dict(self) -> dict:
+        """study.json: plain JSON (the run config with out_dir "", since each run has its own)."""
+        run = self.run.to_dict()
+        run["train"]["out_dir"] = ""
+        return {"preset": self.preset, "train_preset": self.train_preset, "description": self.description,
+                "variants": list(self.variants), "seeds": list(self.seeds), "quant": list(self.quant),
+                "n_sequences": self.n_sequences, "calib_batches": self.calib_batches,
+                "eval_tokens": self.eval_tokens, "overrides": dict(self.overrides), "run": run,
+                "baseline": self.baseline}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> StudySpec:
+        """From study.json (or results.json's "config"); a ConfigError when it does not describe a study."""
+        try:
+            run = dict(d["run"])
+            run["train"] = {**run["train"], "out_dir": run["train"].get("out_dir") or "."}
+            return cls(preset=str(d.get("preset", "?")), description=str(d.get("description", "")),
+                       train_preset=str(d.get("train_preset", "?")), variants=tuple(d["variants"]),
+                       seeds=tuple(int(s) for s in d["seeds"]), baseline=str(d.get("baseline", "softmax")),
+                       quant=tuple(d.get("quant") or ()), n_sequences=int(d["n_sequences"]),
+                       calib_batches=int(d["calib_batches"]), eval_tokens=d.get("eval_tokens"),
+                       run=RunConfig.from_dict(run), overrides=dict(d.get("overrides") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"not a study config ({type(e).__name__}: {e}); rerun `quietgpt study`") from None
+
+
+def differences(old: Mapping, new: Mapping) -> list[str]:
+    """Dotted names of the settings that differ between two study.json dicts (only those that change
+    results: COMPARED_KEYS)."""
+    a = _flat({k: old.get(k) for k in COMPARED_KEYS})
+    b = _flat({k: new.get(k) for k in COMPARED_KEYS})
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+# ----------------------------------------------------------------------------- from a TOML file
+
+
+def _study_doc(preset: str) -> tuple[dict, str]:
+    """(the study TOML as a dict, its name): a shipped study preset by name, or a user's .toml file (whose
+    [study] table may be absent: the file is then the base run config with the default study settings)."""
+    if preset in study_preset_names():
+        return tomllib.loads(study_preset_text(preset)), preset
+    if preset.endswith(".toml") or Path(preset).exists():
+        return read_toml(preset), preset
+    raise ConfigError(f"unknown study preset {preset!r}; choose one of {', '.join(study_preset_names())} "
+                      "or pass a .toml file with a [study] table")
+
+
+def _flat_str(tables: Mapping[str, Mapping]) -> dict[str, str]:
+    return {f"{sec}.{k}": str(v) for sec, t in tables.items() for k, v in t.items()}
+
+
+def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = None, seeds: int | None = None,
+                 baseline: str | None = None, data: str | None = None, device: str | None = None,
+                 overrides: Mapping | None = None, quant: Sequence[str] | None = None) -> StudySpec:
+    """The study `preset` (name or TOML path) with the caller's choices on top; every bad value is a
+    one-line ConfigError naming it."""
+    from ..attention import check_variant
+    from ..quant import parse_quant_list
+
+    doc, name = _study_doc(preset)
+    unknown = sorted(k for k in doc if k not in SECTIONS and k != "study")
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}] in {name}; use [study], [model], [data] or [train]")
+    if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
+        raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
+    given = {k: v for k, v in {"variants": variants, "seeds": seeds, "baseline": baseline,
+                               "quant": None if quant is None else list(quant)}.items() if v is not None}
+    for v in variants or doc.get("study", {}).get("variants") or ():  # a bad name first, then the baseline check
+        check_variant(v)
+    sc = StudyConfig.from_dict({**doc.get("study", {}), **given}, f"[study] of {name}")
+    base = sc.base if "study" in doc else name  # a plain run-config file is its own base
+    tables = {k: v for k, v in doc.items() if k in SECTIONS} if "study" in doc else {}
+    cli = {k: str(v) for k, v in (overrides or {}).items()}
+    if data is not None:
+        cli["data.source"] = data
+    if device is not None:
+        cli["train.device"] = device
+    for key in PER_RUN_KEYS:
+        if key in cli or key.split(".")[1] in tables.get(key.split(".")[0], {}):
+            raise ConfigError(f"{key} is set per run by the study; use --variants/--seeds/--out instead")
+    run = apply_overrides(apply_overrides(load_config(base), tables), cli)
+    qs = tuple(c.name for c in parse_quant_list(list(sc.quant))) if sc.quant else ()
+    return StudySpec(preset=name, description=sc.description, train_preset=base, variants=sc.variants,
+                     seeds=tuple(range(sc.seeds)), baseline=sc.baseline, quant=qs, n_sequences=sc.n_sequences,
+                     calib_batches=sc.calib_batches, eval_tokens=sc.eval_tokens or None,
+                     run=replace(run, train=replace(run.train, out_dir=".")),
+                     overrides={**_flat_str(tables), **cli})
