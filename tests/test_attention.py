@@ -1,6 +1,7 @@
 """Every attention variant's fast path against its reference path (values and gradients), and the
 reference path against an independent float64 formula."""
 
+import dataclasses
 import importlib
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quietgpt import QuietAttention, attention, select_path
+from quietgpt import AttentionOptions, QuietAttention, attention, select_path
 from quietgpt.attention import _prefix_attention
 from quietgpt.errors import ConfigError
 
@@ -152,14 +153,14 @@ def test_path_selection_and_reporting():
         select_path("clipped", "fast", q)
     with pytest.raises(ConfigError, match="unknown attention variant"):
         select_path("softmax2", "auto", q)
-    core = QuietAttention(3, "softmax1")
+    core = QuietAttention(3, AttentionOptions(variant="softmax1"))
     core(*make_qkv())
     assert core.last_path == "lse-flash-cpu"
 
 
 def test_probs_tap_sees_reference_probabilities():
     q, k, v = make_qkv()
-    core = QuietAttention(3, "softmax1")
+    core = QuietAttention(3, AttentionOptions(variant="softmax1"))
     seen = []
     core.tap_probs.register_forward_hook(lambda m, i, o: seen.append(o))
     core(q, k, v)
@@ -179,7 +180,7 @@ def test_dropout_on_attention_weights(variant):
     and eval mode is deterministic."""
     torch.manual_seed(0)
     q, k, v = [t.detach() for t in make_qkv(1, 2, 9, 8)]
-    core = QuietAttention(2, variant, dropout=0.3)
+    core = QuietAttention(2, AttentionOptions(variant=variant, dropout=0.3))
     core.eval()
     clean = core(q, k, v)
     assert torch.equal(clean, core(q, k, v))
@@ -190,16 +191,73 @@ def test_dropout_on_attention_weights(variant):
     assert torch.allclose(samples.mean(0), clean, atol=0.06)
 
 
+def test_attention_options_are_checked_once_and_frozen():
+    """AttentionOptions checks every setting where it is built (one-line ConfigErrors) and is frozen:
+    a compiled graph holds it as constants; dataclasses.replace makes a checked copy."""
+    opts = AttentionOptions(variant="softmax_n", n=2.5, cuda_kernel="flash")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.path = "reference"
+    assert dataclasses.replace(opts, path="reference").path == "reference"
+    for bad, match in [
+        (dict(variant="softmax2"), "unknown attention variant"),
+        (dict(path="turbo"), "unknown attention path"),
+        (dict(cuda_kernel="triton"), "unknown CUDA attention kernel 'triton'; choose one of auto, flash, cudnn"),
+        (dict(variant="softmax_n", n=-1.0), "n must be"),
+        (dict(variant="clipped", gamma=0.5), "gamma"),
+        (dict(variant="clipped", path="fast"), "clipped"),
+        (dict(dropout=1.0), "dropout"),
+    ]:
+        with pytest.raises(ConfigError, match=match) as e:
+            AttentionOptions(**bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="unknown CUDA attention kernel"):
+        attention(*make_qkv(), "softmax1", cuda_kernel="triton")
+    with pytest.raises(TypeError, match="AttentionOptions"):
+        QuietAttention(3, "softmax1")
+
+
+@pytest.mark.parametrize("cudnn_runs", [True, False])
+def test_cuda_kernel_preference_is_honoured(cudnn_runs, monkeypatch):
+    """The CUDA LSE kernel follows AttentionOptions.cuda_kernel: "auto" is cuDNN where it runs, else flash,
+    and flash under torch.compile; "flash" / "cudnn" pin one (a pinned kernel that cannot run leaves the
+    null-key prefix path). Testable without CUDA: a meta-device q stands in for a CUDA tensor, and the
+    kernels' support tests are pretended."""
+    monkeypatch.setattr(A._CudaFlash, "supports", staticmethod(lambda q: True))
+    monkeypatch.setattr(A._CudaCudnn, "supports", staticmethod(lambda q: cudnn_runs))
+    q = torch.empty(2, 3, 16, 64, device="meta", dtype=torch.bfloat16)
+    cudnn = "lse-cudnn-cuda" if cudnn_runs else "prefix"
+    want = {"auto": cudnn if cudnn_runs else "lse-flash-cuda", "flash": "lse-flash-cuda", "cudnn": cudnn}
+    for preference, name in want.items():
+        assert select_path("softmax1", "auto", q, cuda_kernel=preference) == name
+        kern = A.lse_kernel_for(q, preference)
+        assert (kern.name if kern is not None else "prefix") == name
+    assert A.lse_kernel_for(make_qkv()[0], "cudnn") is A._CpuFlash  # the CPU has one kernel
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert A.lse_kernel_for(q, "auto") is A._CudaFlash  # compiled cuDNN trained wrong (cuda_kernel_order)
+    assert select_path("softmax1", "auto", q, cuda_kernel="cudnn") == cudnn  # pinned, it is used compiled too
+    assert A.cuda_kernel_order("auto", compiling=True) == (A._CudaFlash,)
+    assert A.cuda_kernel_order("auto", compiling=False) == (A._CudaCudnn, A._CudaFlash)
+
+
+def test_functional_attention_passes_the_kernel_preference(monkeypatch):
+    """attention(..., cuda_kernel=) reaches the kernel choice (no module state in between)."""
+    seen = []
+    monkeypatch.setattr(A, "lse_kernel_for", lambda q, preference: seen.append(preference))  # None: prefix
+    q, k, v = make_qkv()
+    out = attention(q, k, v, "softmax1", cuda_kernel="cudnn")
+    assert seen == ["cudnn"]
+    assert torch.allclose(out, naive_for("softmax1", q, k, v, {}).float(), atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["flash", "cudnn"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_lse_kernels_return_the_natural_log_sum_exp(kernel, dtype, monkeypatch):
+def test_cuda_lse_kernels_return_the_natural_log_sum_exp(kernel, dtype):
     """Each CUDA LSE kernel's row log-sum-exp (natural log, shape (B, H, T)) and output match a float64
     computation on the same half-precision inputs: the identity the fast path rests on."""
-    monkeypatch.setattr(A, "CUDA_LSE_KERNEL", kernel)
     B, H, T, D = 2, 3, 257, 64
     q, k, v = [t.detach().to("cuda", dtype) for t in make_qkv(B, H, T, D)]
-    kern = A.lse_kernel_for(q)
+    kern = A.lse_kernel_for(q, kernel)
     assert kern is not None and kern.name == f"lse-{kernel}-cuda"
     scale = D ** -0.5
     out, lse, _ = kern.forward(q, k, v, True, scale)
@@ -215,20 +273,20 @@ def test_cuda_lse_kernels_return_the_natural_log_sum_exp(kernel, dtype, monkeypa
 @pytest.mark.parametrize("kernel", ["auto", "flash", "cudnn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["softmax", "softmax1", "softmax_n", "sink", "gated"])
-def test_cuda_fast_path_equals_reference(variant, dtype, kernel, monkeypatch):
+def test_cuda_fast_path_equals_reference(variant, dtype, kernel):
     """On CUDA: the fused path (an LSE kernel for half precision, the null-key prefix otherwise) equals
     the reference path in values and gradients, with either CUDA LSE kernel."""
-    monkeypatch.setattr(A, "CUDA_LSE_KERNEL", kernel)
     B, H, T, D = 2, 4, 300, 64
     q, k, v = [t.detach().to("cuda", dtype).requires_grad_() for t in make_qkv(B, H, T, D)]
     kw = kwargs_for(variant, H)
+    kw["cuda_kernel"] = kernel
     kw = {key: (val.detach().cuda().requires_grad_(val.requires_grad) if torch.is_tensor(val) else val)
           for key, val in kw.items()}
     if variant == "gated":
         kw["gate"] = torch.rand(B, H, T, 1, device="cuda", dtype=dtype)
     if variant in A.NULL_VARIANTS:
         want = "prefix" if dtype == torch.float32 else f"lse-{'cudnn' if kernel == 'auto' else kernel}-cuda"
-        assert select_path(variant, "auto", q) == want
+        assert select_path(variant, "auto", q, cuda_kernel=kernel) == want
     results = {}
     for path in ("auto", "reference"):
         out = attention(q, k, v, variant, path=path, **kw)

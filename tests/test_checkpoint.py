@@ -207,3 +207,22 @@ def test_resolve_device():
         with pytest.raises(QuietError, match="not available") as e:
             ckpt.resolve_device("cuda")
         one_line(e)
+
+
+def test_cuda_kernel_is_recorded_and_old_configs_without_it_load(tmp_path):
+    """model.cuda_kernel is written to config.json; a config.json from before the field existed loads
+    with "auto" (the behaviour those runs had), and a resume from it is not an architecture change."""
+    cfg = small_cfg(**{"model.cuda_kernel": "flash"})
+    model = trained_like(cfg)
+    ckpt.save_checkpoint(tmp_path / "new", model, cfg)
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["model"]["cuda_kernel"] == "flash"
+    assert ckpt.load_model(tmp_path / "new")[1].model.cuda_kernel == "flash"
+    old = small_cfg()
+    ckpt.save_checkpoint(tmp_path / "old", trained_like(old), old)
+    doc = json.loads((tmp_path / "old" / "config.json").read_text())
+    del doc["model"]["cuda_kernel"]  # as an older quietgpt wrote it
+    (tmp_path / "old" / "config.json").write_text(json.dumps(doc))
+    loaded, cfg2 = ckpt.load_model(tmp_path / "old")
+    assert cfg2.model.cuda_kernel == "auto" and cfg2 == old
+    assert {b.attn.core.opts.cuda_kernel for b in loaded.transformer.h} == {"auto"}
+    ckpt.check_compatible(doc, cfg, "old")  # resuming it with another kernel preference is allowed

@@ -1,6 +1,8 @@
 """The GPT model: shape bookkeeping against hand-computed counts, init, training signal, generation,
 observation taps, config validation, and logit parity with Hugging Face GPT-2."""
 
+import contextlib
+import importlib
 import math
 
 import pytest
@@ -8,6 +10,8 @@ import torch
 
 from quietgpt import GPT, GPTConfig
 from quietgpt.errors import ConfigError
+
+A = importlib.import_module("quietgpt.attention")  # the module: the package exports a function of this name
 
 VARIANTS = ["softmax", "softmax1", "softmax_n", "sink", "clipped", "gated"]
 
@@ -178,6 +182,7 @@ def test_fast_and_reference_model_agree():
     (dict(dropout=1.0), "dropout"),
     (dict(n_layer=0), "n_layer"),
     (dict(path="turbo"), "model.path"),
+    (dict(cuda_kernel="triton"), "model.cuda_kernel 'triton' is unknown; choose one of auto, flash, cudnn"),
     (dict(attention="clipped", path="fast"), "clipped"),
     (dict(gate_init=1.0), "gate_init"),
 ])
@@ -219,11 +224,35 @@ def test_hf_gpt2_logit_parity():
         assert torch.allclose(again(idx)[0], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["softmax", "softmax1", "softmax_n", "sink", "clipped", "gated"])
-def test_compiles_to_one_graph_without_recompiling(variant):
-    """torch.compile sees the whole forward as one graph (no break at the attention's path bookkeeping)
-    and a second call reuses it (no guard on state the first call changed). A counting backend that runs
-    the captured graph eagerly keeps this fast."""
+@pytest.mark.parametrize("kernel", ["auto", "flash", "cudnn"])
+def test_cuda_kernel_preference_travels_from_config_to_the_kernel_choice(kernel, monkeypatch):
+    """model.cuda_kernel becomes every block's AttentionOptions, reaches the kernel choice on each
+    forward, and is recorded by to_dict (what config.json stores)."""
+    seen = []
+    real = A.lse_kernel_for
+    monkeypatch.setattr(A, "lse_kernel_for", lambda q, preference: seen.append(preference) or real(q, preference))
+    model = GPT(tiny(attention="sink", cuda_kernel=kernel, path="fast"))
+    assert [b.attn.core.opts for b in model.transformer.h] == [model.config.attention_options()] * 2
+    assert model.config.attention_options().cuda_kernel == kernel
+    model(torch.randint(0, 37, (2, 8)))
+    assert seen == [kernel, kernel] and model.attention_paths() == ["lse-flash-cpu"] * 2
+    assert model.config.to_dict()["cuda_kernel"] == kernel
+    model.set_attention_path("reference")  # a changed copy of the frozen options, the rest kept
+    assert {b.attn.core.opts.path for b in model.transformer.h} == {"reference"}
+    assert {b.attn.core.opts.cuda_kernel for b in model.transformer.h} == {kernel}
+    with pytest.raises(ConfigError, match="turbo"):
+        model.set_attention_path("turbo")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiles_to_one_graph_without_recompiling(variant, device):
+    """torch.compile sees the whole forward as one graph (no break at the attention's path bookkeeping,
+    nor, on CUDA, at the LSE kernel's choice: backend flags, cuDNN version and compute capability are
+    compile-time constants) and later calls reuse it (no guard on state the first call changed). On CUDA
+    it runs under bf16 autocast, where the null-logit variants take an LSE kernel, and compiling with
+    cuda_kernel "auto" picks flash (attention.cuda_kernel_order says why not cuDNN). A counting backend
+    that runs the captured graph eagerly keeps this fast."""
     torch._dynamo.reset()
     graphs = []
 
@@ -231,13 +260,20 @@ def test_compiles_to_one_graph_without_recompiling(variant):
         graphs.append(gm)
         return gm.forward
 
-    model = GPT(tiny(attention=variant))
+    cuda = device == "cuda"
+    model = GPT(tiny(attention=variant, n_embd=64 if cuda else 16)).to(device)  # CUDA: head dim 32
     compiled = torch.compile(model, backend=counting, fullgraph=True)
-    x = torch.randint(0, 37, (2, 16))
+    x = torch.randint(0, 37, (2, 16), device=device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     for _ in range(3):
-        _, loss = compiled(x, x)
-    _, eager_loss = model(x, x)
+        with autocast():
+            _, loss = compiled(x, x)
+        loss.backward()
+    compiled_paths = model.attention_paths()
+    with autocast():
+        _, eager_loss = model(x, x)
     assert len(graphs) == 1
-    assert torch.allclose(loss, eager_loss, atol=1e-6)
-    assert model.attention_paths() == [model.transformer.h[0].attn.core.last_path] * 2
-    assert model.attention_paths()[0] is not None
+    assert torch.allclose(loss, eager_loss, atol=2e-2 if cuda else 1e-6)  # CUDA: eager runs cuDNN, bf16
+    assert compiled_paths == [compiled_paths[0]] * 2 and compiled_paths[0] is not None
+    if cuda and variant in A.NULL_VARIANTS:
+        assert compiled_paths[0] == "lse-flash-cuda"

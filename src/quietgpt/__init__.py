@@ -3,7 +3,7 @@
 Import flow is one way: softmax <- attention <- model <- training / metrics / quant <- study / report <- cli.
 """
 
-from .attention import VARIANTS, QuietAttention, attention, reference_attention, select_path
+from .attention import VARIANTS, AttentionOptions, QuietAttention, attention, reference_attention, select_path
 from .errors import ConfigError, QuietError
 from .metrics import Measurement, measure
 from .model import GPT, GPTConfig
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GPT",
     "VARIANTS",
+    "AttentionOptions",
     "ConfigError",
     "GPTConfig",
     "Measurement",

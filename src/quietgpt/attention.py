@@ -28,6 +28,12 @@ and the only path that can show or quantize them). The fast paths never do:
 `path="auto"` picks the fastest exact path; "fast" insists on one (clipped has none); "reference"
 forces the ground truth. The path that ran is logged at DEBUG level and kept in
 `QuietAttention.last_path`, never chosen silently.
+
+Every setting besides the tensors (variant, n, gamma/zeta, dropout, path, the CUDA LSE kernel
+preference `cuda_kernel` = auto | flash | cudnn, ...) travels as one frozen `AttentionOptions`,
+validated once where it is built: `GPTConfig.attention_options()` for the model, the keyword arguments
+of `attention()` for the functional API. Nothing is read from module state, so a config (and the
+config.json a checkpoint writes) records everything that decides what runs.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +57,7 @@ log = logging.getLogger(__name__)
 VARIANTS = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated")
 NULL_VARIANTS = ("softmax1", "softmax_n", "sink")  # the ones that can leave mass on "nothing"
 PATHS = ("auto", "fast", "reference")
+CUDA_KERNELS = ("auto", "flash", "cudnn")  # the CUDA LSE kernel preference; see lse_kernel_for
 
 
 def check_variant(variant: str) -> None:
@@ -60,6 +68,55 @@ def check_variant(variant: str) -> None:
 def check_path(path: str) -> None:
     if path not in PATHS:
         raise ConfigError(f"unknown attention path {path!r}; choose one of {', '.join(PATHS)}")
+
+
+def check_cuda_kernel(cuda_kernel: str) -> None:
+    if cuda_kernel not in CUDA_KERNELS:
+        raise ConfigError(f"unknown CUDA attention kernel {cuda_kernel!r}; choose one of {', '.join(CUDA_KERNELS)}")
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """Everything the attention core needs besides its tensors, checked once when built.
+
+    variant      one of VARIANTS
+    n            softmax_n's n (>= 0; used by "softmax_n" only)
+    gamma, zeta  clipped softmax's parameters (gamma <= 0 <= 1 <= zeta; used by "clipped" only)
+    dropout      dropout on the attention weights, in [0, 1) (QuietAttention applies it in training only)
+    path         "auto" | "fast" | "reference" (see the module docstring)
+    cuda_kernel  the CUDA LSE kernel preference, "auto" | "flash" | "cudnn" (see lse_kernel_for)
+    is_causal    mask future keys (then T == Tk)
+    scale        score scale; None = 1 / sqrt(head dim)
+    sink_init    "sink": the learned null logit b_h at init (QuietAttention's parameter; 0 = softmax1)
+
+    Frozen: a compiled graph reads these as constants, so nothing may change them behind its back;
+    `dataclasses.replace` makes a changed copy (GPT.set_attention_path does).
+    """
+
+    variant: str = "softmax1"
+    n: float = 1.0
+    gamma: float = -0.03
+    zeta: float = 1.0
+    dropout: float = 0.0
+    path: str = "auto"
+    cuda_kernel: str = "auto"
+    is_causal: bool = True
+    scale: float | None = None
+    sink_init: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_variant(self.variant)
+        check_path(self.path)
+        check_cuda_kernel(self.cuda_kernel)
+        if self.variant == "softmax_n":
+            log_n_of(self.n)  # raises on n < 0 or a non-finite n
+        if self.variant == "clipped":
+            check_clip_params(self.gamma, self.zeta)
+            if self.path == "fast":
+                raise ConfigError("attention path 'fast' is not possible here (clipped softmax has no fused form); "
+                                  "use path='auto'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"attention dropout must be in [0, 1), got {self.dropout!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,26 +229,28 @@ class _CudaCudnn:
         )
 
 
-# Which CUDA LSE kernel to prefer: "auto", "flash" or "cudnn". auto: cuDNN where it runs (on Hopper it
-# is what SDPA itself picks, ~1.6x faster than flash-attention-2), else flash; under torch.compile
-# always flash. Inside a compiled graph the cuDNN op trained wrong (losses 0.14 off eager after 8 steps,
-# torch 2.11 on an H200; eager cuDNN and compiled flash both match float32), so compiling never uses it
-# unless asked. benchmarks/attention.py and the gpu tests switch this; users rarely need to.
-CUDA_LSE_KERNEL = "auto"
-
-
 _KERNEL_NAMED = {k.name: k for k in (_CpuFlash, _CudaFlash, _CudaCudnn)}
 
 
-def lse_kernel_for(q: Tensor):
-    """The fused LSE kernel that can run `q`'s device and dtype, or None."""
+def cuda_kernel_order(preference: str, compiling: bool) -> tuple:
+    """The CUDA LSE kernels to try, best first, for AttentionOptions.cuda_kernel `preference`.
+
+    "flash" / "cudnn" pin one kernel. "auto" is cuDNN where it runs (on Hopper it is what SDPA itself
+    picks, ~1.6x faster than flash-attention-2), else flash; but under torch.compile always flash. Inside
+    a compiled graph the cuDNN op trained wrong (losses 0.14 off eager after 8 steps, torch 2.11 on an
+    H200; eager cuDNN and compiled flash both match float32), so compiling never uses it unless asked.
+    """
+    if preference == "auto" and compiling:
+        preference = "flash"
+    return {"auto": (_CudaCudnn, _CudaFlash), "flash": (_CudaFlash,), "cudnn": (_CudaCudnn,)}[preference]
+
+
+def lse_kernel_for(q: Tensor, preference: str = "auto"):
+    """The fused LSE kernel that can run `q`'s device and dtype, or None. `preference` (an
+    AttentionOptions.cuda_kernel) picks among the CUDA kernels; the CPU has one."""
     if q.device.type == "cpu":
         return _CpuFlash if _CpuFlash.supports(q) else None
-    choice = CUDA_LSE_KERNEL
-    if choice == "auto" and torch.compiler.is_compiling():
-        choice = "flash"
-    order = {"auto": (_CudaCudnn, _CudaFlash), "flash": (_CudaFlash,), "cudnn": (_CudaCudnn,)}[choice]
-    for kern in order:
+    for kern in cuda_kernel_order(preference, torch.compiler.is_compiling()):
         if kern.supports(q):
             return kern
     return None
@@ -308,9 +367,11 @@ def reference_attention(
     return (probs @ v.to(cd)).to(q.dtype)
 
 
-def select_path(variant: str, path: str, q: Tensor, dropout_p: float = 0.0, need_probs: bool = False) -> str:
+def select_path(variant: str, path: str, q: Tensor, dropout_p: float = 0.0, need_probs: bool = False,
+                *, cuda_kernel: str = "auto") -> str:
     """Name of the path `attention` will run: "reference", "sdpa", "lse-flash-cpu", "lse-cudnn-cuda",
-    "lse-flash-cuda" or "prefix". Raises ConfigError when `path="fast"` is asked of something that has no fast path."""
+    "lse-flash-cuda" or "prefix". `cuda_kernel` is the CUDA LSE kernel preference (auto | flash | cudnn).
+    Raises ConfigError when `path="fast"` is asked of something that has no fast path."""
     check_variant(variant)
     check_path(path)
     if path == "reference" or need_probs or variant == "clipped":
@@ -320,7 +381,7 @@ def select_path(variant: str, path: str, q: Tensor, dropout_p: float = 0.0, need
         return "reference"
     if variant in ("softmax", "gated"):
         return "sdpa"
-    kern = lse_kernel_for(q)
+    kern = lse_kernel_for(q, cuda_kernel)
     if kern is not None and dropout_p == 0.0:
         return kern.name
     return "prefix"
@@ -354,35 +415,41 @@ def attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     path: str = "auto",
+    cuda_kernel: str = "auto",
     gate: Tensor | None = None,
     probs_hook: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Multi-head attention with the chosen normaliser. q (B, H, T, D), k (B, H, Tk, D),
     v (B, H, Tk, Dv) -> (B, H, T, Dv) in q's dtype. Causal attention needs T == Tk.
 
-    `dropout_p` is applied to the attention weights (pass 0 in eval mode). `gate` (B, H, T, 1), used by
-    the "gated" variant, multiplies each head's output. `probs_hook` forces the reference path.
+    The settings are AttentionOptions' (built and checked here, once). `dropout_p` is applied to the
+    attention weights (pass 0 in eval mode). `sink_logit` (H,) is the "sink" variant's per-head null
+    logit. `gate` (B, H, T, 1), used by the "gated" variant, multiplies each head's output.
+    `probs_hook` forces the reference path.
     """
-    out, _ = _attention(q, k, v, variant, is_causal=is_causal, n=n, sink_logit=sink_logit, gamma=gamma,
-                        zeta=zeta, dropout_p=dropout_p, scale=scale, path=path, gate=gate,
-                        probs_hook=probs_hook)
+    opts = AttentionOptions(variant=variant, n=n, gamma=gamma, zeta=zeta, dropout=dropout_p, path=path,
+                            cuda_kernel=cuda_kernel, is_causal=is_causal, scale=scale)
+    out, _ = _attention(q, k, v, opts, sink_logit=sink_logit, gate=gate, probs_hook=probs_hook)
     return out
 
 
-def _attention(q, k, v, variant, *, is_causal, n, sink_logit, gamma, zeta, dropout_p, scale, path, gate,
-               probs_hook) -> tuple[Tensor, str]:
-    if is_causal and q.shape[-2] != k.shape[-2]:
+def _attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions, *, sink_logit: Tensor | None = None,
+               gate: Tensor | None = None, probs_hook: Callable[[Tensor], Tensor] | None = None,
+               training: bool = True) -> tuple[Tensor, str]:
+    """`attention` on checked options -> (output, the path that ran). training=False turns dropout off."""
+    if opts.is_causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[-2]} and {k.shape[-2]}")
-    if variant == "clipped":
-        check_clip_params(gamma, zeta)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    log_n = null_log_n(variant, n, sink_logit)
+    variant, is_causal = opts.variant, opts.is_causal
+    dropout_p = opts.dropout if training else 0.0
+    scale = 1.0 / math.sqrt(q.shape[-1]) if opts.scale is None else opts.scale
+    log_n = null_log_n(variant, opts.n, sink_logit)
     if variant == "softmax_n" and log_n == -math.inf:
         variant = "softmax"  # n = 0 is ordinary softmax, and SDPA is its fast path
-    chosen = select_path(variant, path, q, dropout_p, need_probs=probs_hook is not None)
+    chosen = select_path(variant, opts.path, q, dropout_p, need_probs=probs_hook is not None,
+                         cuda_kernel=opts.cuda_kernel)
     if chosen == "reference":
-        out = reference_attention(q, k, v, variant, is_causal=is_causal, log_n=log_n, gamma=gamma, zeta=zeta,
-                                  dropout_p=dropout_p, scale=scale, probs_hook=probs_hook)
+        out = reference_attention(q, k, v, variant, is_causal=is_causal, log_n=log_n, gamma=opts.gamma,
+                                  zeta=opts.zeta, dropout_p=dropout_p, scale=scale, probs_hook=probs_hook)
     elif chosen == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     else:
@@ -398,37 +465,40 @@ def _attention(q, k, v, variant, *, is_causal, n, sink_logit, gamma, zeta, dropo
 
 
 class QuietAttention(nn.Module):
-    """The attention core as a module: holds the learned sink logits (variant "sink"), an observation
-    tap for the probabilities (`tap_probs`, an nn.Identity: hooks on it see (B, H, T, T) weights and
-    force the reference path under path="auto"), and `last_path`, the path the last forward ran."""
+    """The attention core as a module, run with `opts` (AttentionOptions; default softmax1): holds the
+    learned sink logits (variant "sink", (H,) fp32 starting at opts.sink_init), an observation tap for the
+    probabilities (`tap_probs`, an nn.Identity: hooks on it see (B, H, T, T) weights and force the
+    reference path under path="auto"), and `last_path`, the path the last forward ran.
 
-    def __init__(self, n_head: int, variant: str = "softmax1", *, n: float = 1.0, gamma: float = -0.03,
-                 zeta: float = 1.0, dropout: float = 0.0, path: str = "auto", sink_init: float = 0.0):
+    Standalone: `QuietAttention(n_head, AttentionOptions(variant="softmax1"))`; in the model,
+    `QuietAttention(cfg.n_head, cfg.attention_options())`."""
+
+    def __init__(self, n_head: int, opts: AttentionOptions | None = None):
         super().__init__()
-        check_variant(variant)
-        check_path(path)
-        self.variant, self.n, self.gamma, self.zeta = variant, n, gamma, zeta
-        self.dropout, self.path = dropout, path
+        opts = AttentionOptions() if opts is None else opts
+        if not isinstance(opts, AttentionOptions):
+            raise TypeError(f"QuietAttention takes an AttentionOptions, got {type(opts).__name__} {opts!r}")
+        self.opts = opts
         # b_h = 0 starts the sink exactly at softmax1; training moves it per head.
-        self.sink_logit = nn.Parameter(torch.full((n_head,), float(sink_init))) if variant == "sink" else None
+        sink = opts.variant == "sink"
+        self.sink_logit = nn.Parameter(torch.full((n_head,), float(opts.sink_init))) if sink else None
         self.tap_probs = nn.Identity()
         self.last_path: str | None = None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None = None) -> Tensor:
+        """q, k, v (B, H, T, D), gate (B, H, T, 1) or None -> (B, H, T, D) in q's dtype."""
         observed = bool(self.tap_probs._forward_hooks or self.tap_probs._forward_pre_hooks)
-        out, chosen = _attention(
-            q, k, v, self.variant, is_causal=True, n=self.n, sink_logit=self.sink_logit, gamma=self.gamma,
-            zeta=self.zeta, dropout_p=self.dropout if self.training else 0.0, scale=None,
-            path=self.path, gate=gate, probs_hook=self.tap_probs if observed else None,
-        )
+        out, chosen = _attention(q, k, v, self.opts, sink_logit=self.sink_logit, gate=gate,
+                                 probs_hook=self.tap_probs if observed else None, training=self.training)
         if torch.compiler.is_compiling():
             # write without reading: a read would guard the compiled graph on last_path (a recompile on
             # the second call) and a logging call would split it at every layer
             self.last_path = chosen
         elif chosen != self.last_path:
-            log.debug("attention %s: running the %s path", self.variant, chosen)
+            log.debug("attention %s: running the %s path", self.opts.variant, chosen)
             self.last_path = chosen
         return out
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant}, path={self.path}"
+        o = self.opts
+        return f"variant={o.variant}, path={o.path}, cuda_kernel={o.cuda_kernel}"

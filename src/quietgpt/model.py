@@ -4,7 +4,9 @@ Everything but the attention core matches nanoGPT's model.py: token + learned po
 pre-LayerNorm blocks, fused qkv projection, 4x GELU MLP, final LayerNorm, lm_head tied to the token
 embedding, optional biases, dropout, N(0, 0.02) init with residual projections scaled by
 1/sqrt(2 n_layer). Two variants add parameters: "sink" (one logit per head, in the attention core)
-and "gated" (a per-head sigmoid gate on each head's output, Bondarenko et al. 2023).
+and "gated" (a per-head sigmoid gate on each head's output, Bondarenko et al. 2023). GPTConfig's
+attention settings (attention, softmax_n, clip_*, dropout, path, cuda_kernel, sink_init) reach the core
+as one frozen AttentionOptions, built once per block by `GPTConfig.attention_options()`.
 
 Observation sites: nn.Identity taps through which activations pass. Forward hooks on them (see
 `GPT.observe`) read, or replace, activations without touching the forward; with no hook a tap costs
@@ -23,13 +25,13 @@ import contextlib
 import inspect
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import PATHS, VARIANTS, QuietAttention, check_path
+from .attention import CUDA_KERNELS, PATHS, VARIANTS, AttentionOptions, QuietAttention
 from .errors import ConfigError
 from .softmax import check_clip_params
 
@@ -53,6 +55,7 @@ class GPTConfig:
     gate_init: float = 0.25  # gated attention: the gate's value at init (sigmoid of its bias)
     sink_init: float = 0.0  # sink: the learned null logit b_h at init (0 = starts as softmax1)
     path: str = "auto"  # attention path: auto | fast | reference
+    cuda_kernel: str = "auto"  # CUDA LSE kernel: auto (cuDNN where it runs, flash when compiled) | flash | cudnn
     gelu: str = "none"  # GELU approximation: "none" (exact, nanoGPT) or "tanh" (HF GPT-2's gelu_new)
 
     def __post_init__(self) -> None:
@@ -70,6 +73,10 @@ class GPTConfig:
             raise ConfigError(f"model.attention {self.attention!r} is unknown; choose one of {', '.join(VARIANTS)}")
         if self.path not in PATHS:
             raise ConfigError(f"model.path {self.path!r} is unknown; choose one of {', '.join(PATHS)}")
+        if self.cuda_kernel not in CUDA_KERNELS:
+            raise ConfigError(
+                f"model.cuda_kernel {self.cuda_kernel!r} is unknown; choose one of {', '.join(CUDA_KERNELS)}"
+            )
         if not (0.0 <= self.softmax_n < math.inf):
             raise ConfigError(f"model.softmax_n must be a finite number >= 0, got {self.softmax_n!r}")
         try:
@@ -82,6 +89,13 @@ class GPTConfig:
             raise ConfigError(f"model.gelu must be 'none' or 'tanh', got {self.gelu!r}")
         if self.path == "fast" and self.attention == "clipped":
             raise ConfigError("model.path 'fast' is impossible for attention 'clipped'; use path = 'auto'")
+
+    def attention_options(self) -> AttentionOptions:
+        """The attention core's settings (variant, n, clip, dropout, path, CUDA kernel, sink init) as one
+        frozen AttentionOptions; every block's QuietAttention runs with these."""
+        return AttentionOptions(variant=self.attention, n=self.softmax_n, gamma=self.clip_gamma,
+                                zeta=self.clip_zeta, dropout=self.dropout, path=self.path,
+                                cuda_kernel=self.cuda_kernel, sink_init=self.sink_init)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,10 +135,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.core = QuietAttention(
-            config.n_head, config.attention, n=config.softmax_n, gamma=config.clip_gamma,
-            zeta=config.clip_zeta, dropout=config.dropout, path=config.path, sink_init=config.sink_init,
-        )
+        self.core = QuietAttention(config.n_head, config.attention_options())
         self.gate = HeadGate(config.n_head, config.n_embd // config.n_head) if config.attention == "gated" else None
         self.tap_out = nn.Identity()
 
@@ -304,10 +315,10 @@ class GPT(nn.Module):
         return torch.optim.AdamW(self.param_groups(weight_decay), lr=learning_rate, betas=betas, **extra)
 
     def set_attention_path(self, path: str) -> None:
-        """Switch every block's attention path (auto | fast | reference)."""
-        check_path(path)
+        """Switch every block's attention path (auto | fast | reference). The options are frozen (a
+        compiled graph holds them as constants), so each block gets a checked copy."""
         for block in self.transformer.h:
-            block.attn.core.path = path
+            block.attn.core.opts = replace(block.attn.core.opts, path=path)
 
     def attention_paths(self) -> list[str | None]:
         """The path each block's attention ran on its last forward (None before the first)."""
