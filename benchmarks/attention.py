@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from quietgpt.atomic import atomic_write_json
+
 A = importlib.import_module("quietgpt.attention")  # the module (the package exports a function of this name)
 
 VARIANTS = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated")
@@ -208,8 +210,7 @@ def main(argv=None) -> int:
     result = bench(args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.json, result)
     return 0
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from quietgpt.atomic import atomic_write_text
+
 # The tiny run: ~1.5 s of training per 60 iterations on a loaded 2-core machine, a checkpoint every 10.
 TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "train.batch_size=4",
         "train.eval_iters=2", "train.log_interval=5", "train.warmup_iters=5", "train.threads=1",
@@ -359,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "details": details,
     }
-    Path(args.json).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    atomic_write_text(args.json, json.dumps(summary, indent=2, default=str) + "\n")
     print(f"{summary['clean']}/{summary['trials']} trials clean; corrupt {summary['corrupt_checkpoints']}, "
           f"failed resumes {summary['failed_resumes']}, mismatched {summary['mismatched']}, "
           f"{summary['kills']} kills ({summary['kills_in_write']} in a write), "

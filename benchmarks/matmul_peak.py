@@ -12,13 +12,13 @@ step on this machine can be faster than this floor.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from quietgpt.atomic import atomic_write_json
 from quietgpt.config import apply_overrides, load_config
 from quietgpt.model import GPT
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
            "flops_per_step": flops_step, "peak_gflops": peak, "floor_ms": floor_ms,
            "floor_tokens_per_s": tokens / floor_ms * 1e3, "torch": torch.__version__}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    atomic_write_json(args.json, doc)
     return 0
 
 

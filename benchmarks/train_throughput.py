@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from quietgpt.atomic import atomic_write_json
 from quietgpt.config import load_config
 from quietgpt.train import train
 
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.json, result)
     return 0
 
 

@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split())  # one line, whatever the message
         print(f"quietgpt {args.verb}: error: {msg}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print(f"quietgpt {args.verb}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        detail = " ".join(str(e).split())  # the study says how many runs finished and how to resume
+        print(f"quietgpt {args.verb}: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr)
         code = 130
     if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun the process group is already destroyed and every file is written and synced;

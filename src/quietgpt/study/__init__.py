@@ -27,14 +27,14 @@ from pathlib import Path
 
 from ..atomic import atomic_write_json
 from ..errors import ConfigError, QuietError
-from .launch import auto_jobs, run_here, run_pool, run_submitit
+from .launch import StudyInterrupted, auto_jobs, run_here, run_pool, run_submitit
 from .progress import StudyProgress
 from .results import collect, machine_info
 from .run import execute_run, failed_row, finished, run_name, run_row
 from .spec import StudySpec, differences, resolve_spec
 
-__all__ = ["StudySpec", "collect", "execute_run", "failed_row", "rebuild", "resolve_spec", "run_name", "run_row",
-           "run_study"]
+__all__ = ["StudyInterrupted", "StudySpec", "collect", "execute_run", "failed_row", "rebuild", "resolve_spec",
+           "run_name", "run_row", "run_study"]
 
 
 def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequence[str] | None = None,
@@ -115,6 +115,11 @@ def _run_locked(study_dir: Path, spec: StudySpec, *, jobs: int | None, launcher:
             # each run's own training bar sits under the study's bar on a terminal; in a log one line per
             # finished run is enough
             run_here(spec, todo, str(study_dir), bar.start, on_done, progress=progress and bar.tty)
+    except KeyboardInterrupt:
+        bar.close()
+        n_ok = sum(r.get("status") == "ok" for r in rows.values())
+        raise StudyInterrupted(f"{n_ok} of {len(pairs)} runs finished; nothing else was started and the running "
+                               "runs were stopped; rerun the same command to resume") from None
     finally:
         bar.close()
     # a resumed study's wall time also counts the runs finished by the earlier session(s)

@@ -23,6 +23,11 @@ OnDone = Callable[[dict], None]
 _WORKER_THREADS = 0
 
 
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the study: nothing more is scheduled and the running runs were stopped; the message
+    says how many runs had finished and how to resume (the CLI prints it as its one line, exit 130)."""
+
+
 def _die_with_parent(parent: int) -> None:
     """Linux: have the kernel SIGKILL this worker when the study process dies (killed, preempted), so no
     orphan keeps training into a run folder that the restarted study is about to redo."""
@@ -92,9 +97,11 @@ def run_pool(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, j
         gpu_queue = ctx.Manager().Queue()
         for i in range(jobs):
             gpu_queue.put(i % n_gpu)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(threads, gpu_queue, os.getpid())) as pool:
-        futs = {pool.submit(_pool_run, spec, v, s, study_dir): (v, s) for v, s in todo}
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                               initargs=(threads, gpu_queue, os.getpid()))
+    try:
+        with _sigint_ignored():  # workers spawned now inherit it: Ctrl-C reaches only this process
+            futs = {pool.submit(_pool_run, spec, v, s, study_dir): (v, s) for v, s in todo}
         for fut in as_completed(futs):
             v, s = futs[fut]
             try:
@@ -102,6 +109,29 @@ def run_pool(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, j
             except Exception as e:  # the worker died (killed, out of memory) before writing its row
                 row = failed_row(v, s, f"runs/{run_name(v, s)}", f"worker died: {type(e).__name__}: {e}")
             on_done(row)
+    except KeyboardInterrupt:
+        # Stop at once: nothing queued starts, running runs are killed. Their folders hold only atomically
+        # written files (and stale temporaries the next run's lock removes), so a rerun resumes them.
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError, AttributeError):
+                proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored in this process for the block. A child started meanwhile keeps ignoring it (an ignored
+    signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler), so a Ctrl-C
+    during worker start-up prints no tracebacks from the workers; the study handles it alone."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def run_submitit(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, jobs: int, on_done: OnDone,
@@ -125,10 +155,18 @@ def run_submitit(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: st
         ex.update_parameters(name="quietgpt-study", timeout_min=24 * 60, slurm_array_parallelism=jobs,
                              gpus_per_node=1 if gpu else 0, cpus_per_task=8 if gpu else 4)
     n = len(todo)
-    submitted = ex.map_array(execute_run, [spec] * n, [v for v, _ in todo], [s for _, s in todo], [study_dir] * n)
-    for job, (v, s) in zip(submitted, todo, strict=True):
-        try:
-            row = job.result()
-        except Exception as e:
-            row = failed_row(v, s, f"runs/{run_name(v, s)}", f"job {job.job_id} died: {type(e).__name__}: {e}")
-        on_done(row)
+    with _sigint_ignored():  # local executor's processes, as in run_pool
+        submitted = ex.map_array(execute_run, [spec] * n, [v for v, _ in todo], [s for _, s in todo],
+                                 [study_dir] * n)
+    try:
+        for job, (v, s) in zip(submitted, todo, strict=True):
+            try:
+                row = job.result()
+            except Exception as e:
+                row = failed_row(v, s, f"runs/{run_name(v, s)}", f"job {job.job_id} died: {type(e).__name__}: {e}")
+            on_done(row)
+    except KeyboardInterrupt:
+        for job in submitted:  # scancel on SLURM; a kill for the local executor
+            with contextlib.suppress(Exception):
+                job.cancel(check=False)
+        raise

@@ -45,3 +45,4 @@ class StudyProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
