@@ -182,7 +182,7 @@ def test_state_dict_form_checks_its_keys_and_head():
     hf = transformers.GPT2LMHeadModel(_config())
     cfg = check_config(hf.config)
     sd = dict(hf.state_dict())
-    with pytest.raises(QuietError, match="unexpected transformer.h.0.extra"):
+    with pytest.raises(QuietError, match=r"unexpected transformer\.h\.0\.extra"):
         GPT.from_hf({**sd, "transformer.h.0.extra": torch.zeros(1)}, config=cfg)
     with pytest.raises(QuietError, match="tie_word_embeddings=False"):
         GPT.from_hf({**sd, "lm_head.weight": torch.zeros_like(sd["lm_head.weight"])}, config=cfg)
@@ -206,3 +206,40 @@ def test_eval_hf_refusal_is_exit_2_and_one_line(tmp_path, capsys, kind, words):
     assert len(lines) == 1 and lines[0].startswith("quietgpt eval: error: cannot import"), err
     assert words in lines[0]
     assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.parametrize("failure", ["no tiktoken", "offline"])
+def test_eval_hf_tokenizer_advice_names_what_eval_takes(tmp_path, capsys, monkeypatch, failure):
+    """The gpt2 tokenizer cannot load: the advice is eval's --tokenizer, not train's --set data.tokenizer."""
+    import sys
+
+    if failure == "no tiktoken":
+        monkeypatch.setitem(sys.modules, "tiktoken", None)
+    else:
+        tiktoken = pytest.importorskip("tiktoken")
+
+        def offline(name):
+            raise ConnectionError("network is unreachable")
+
+        monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    folder = _save(tmp_path / "m")
+    (tmp_path / "t.txt").write_text("some text to evaluate on\n" * 50)
+    capsys.readouterr()
+    rc = main(["eval", "--hf", str(folder), "--data", str(tmp_path / "t.txt"), "--tokenizer", "gpt2",
+               "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("quietgpt eval: error:"), err
+    assert "--tokenizer char" in lines[0] and "--set" not in lines[0], lines[0]
+
+
+def test_eval_hf_vocabulary_too_small_for_the_tokenizer_names_tokenizer(tmp_path, capsys):
+    folder = _save(tmp_path / "m")  # 64 tokens; bytes need 256
+    (tmp_path / "t.txt").write_text("some text to evaluate on\n" * 50)
+    capsys.readouterr()
+    rc = main(["eval", "--hf", str(folder), "--data", str(tmp_path / "t.txt"), "--tokenizer", "byte",
+               "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--tokenizer byte gives a vocabulary of 256 tokens" in err and "--set" not in err, err
