@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import shutil
@@ -95,6 +96,31 @@ CLI_ROWS: dict[str, tuple[str, list[str]]] = {
                              ["study", "--out", "{w}/study", "--variants", "softmax,softmax1", "--seeds", "1",
                               "--quant", "w8a8", *S("data.cache_dir={w}/cache", *TINY)]),
     "report-no-study": ("report on a folder with no study", ["report", "{w}/empty"]),
+    "no-section-unknown": ("config key without a section that no section has", ["train", *S("n_layr=2")]),
+    "set-hidden-by-flag": ("bad --set value that a flag replaces", ["train", "--max-iters", "5",
+                                                                   *S("train.max_iters=abc")]),
+    **{f"eval-hf-{name}": (what, ["eval", "--hf", f"{{w}}/hf-{name}", "--data", "{w}/other.txt", "--tokenizer", "byte",
+                                  "--cache-dir", "{w}/cache", "--json", "{w}/e.json"])
+       for name, what in {
+           "llama": "--hf folder of another architecture (Llama)",
+           "other-head": "--hf folder of a GPT-2 with another head",
+           "relu": "--hf GPT-2 with a non-GELU activation",
+           "unscaled": "--hf GPT-2 with scale_attn_weights=False",
+           "layer-scaled": "--hf GPT-2 with scale_attn_by_inverse_layer_idx=True",
+           "cross-attention": "--hf GPT-2 with cross-attention",
+           "eps": "--hf GPT-2 with another layer_norm_epsilon",
+           "n-inner": "--hf GPT-2 with another MLP width (n_inner)",
+           "untied": "--hf GPT-2 whose lm_head differs from wte",
+           "missing-weights": "--hf folder whose weights lack a tensor",
+           "extra-weights": "--hf folder whose weights hold an extra tensor",
+           "small-vocab": "--hf model whose vocabulary is smaller than --tokenizer's",
+       }.items()},
+}
+HF_MODELS = {  # folder name -> GPT2Config fields (see make_world)
+    "other-head": {}, "relu": {"activation_function": "relu"}, "unscaled": {"scale_attn_weights": False},
+    "layer-scaled": {"scale_attn_by_inverse_layer_idx": True}, "cross-attention": {"add_cross_attention": True},
+    "eps": {"layer_norm_epsilon": 1e-6}, "n-inner": {"n_inner": 48}, "untied": {"tie_word_embeddings": False},
+    "missing-weights": {}, "extra-weights": {}, "small-vocab": {},
 }
 
 
@@ -156,7 +182,33 @@ def make_world(w: Path) -> Path:
                         overrides={**parse_assignments(TINY), "data.cache_dir": str(cache)})
     (w / "study").mkdir()
     (w / "study" / "study.json").write_text(json.dumps(spec.to_dict()))
+    if importlib.util.find_spec("transformers") is not None:
+        make_hf_models(w)
     return w
+
+
+def make_hf_models(w: Path) -> None:
+    """Tiny saved Hugging Face models that `eval --hf` must refuse (HF_MODELS, and a Llama)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32)).save_pretrained(str(w / "hf-llama"))
+    for name, fields in HF_MODELS.items():
+        cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2, **fields)
+        cls = transformers.GPT2DoubleHeadsModel if name == "other-head" else transformers.GPT2LMHeadModel
+        cls(cfg).save_pretrained(str(w / f"hf-{name}"))
+    for name, edit in (("missing-weights", lambda sd: sd.pop("transformer.h.0.mlp.c_fc.weight")),
+                       ("extra-weights", lambda sd: sd.update({"transformer.h.0.attn.rotary.weight": torch.ones(4)}))):
+        path = w / f"hf-{name}" / "model.safetensors"
+        sd = load_file(str(path))
+        edit(sd)
+        save_file(sd, str(path), metadata={"format": "pt"})
+    hf_logging.enable_progress_bar()
 
 
 def tree_hash(w: Path) -> dict:
@@ -216,6 +268,8 @@ def _check(world: Path, documented: dict, rid: str, code: int, err: str, before:
 
 @pytest.mark.parametrize("rid", list(CLI_ROWS))
 def test_cli_row(world, documented, rid):
+    if rid.startswith("eval-hf-"):
+        pytest.importorskip("transformers")
     before = tree_hash(world)
     code, err = run_cli(world, CLI_ROWS[rid][1])
     _check(world, documented, rid, code, err, before)

@@ -191,3 +191,14 @@ def test_hf_gpt2_measured_like_transformers_without_data_module(tmp_path):
     assert m.perplexity["tokens"] == n
     assert m.perplexity["fp"] == pytest.approx(math.exp(nll / n), rel=1e-4)
     assert m.perplexity["w16a16"] == pytest.approx(m.perplexity["fp"], rel=1e-3)
+
+
+@needs_data
+def test_eval_checkpoint_advice_never_names_set(tmp_path, text_file, capsys):
+    """eval has no --set: data.py's `--set data.tokenizer=...` advice must not reach an eval user."""
+    ckpt, _, _ = _checkpoint(tmp_path, text_file)
+    rc, err = run(["eval", "--checkpoint", str(ckpt), "--data", "synthetic", "--json", str(tmp_path / "o.json")],
+                  capsys)
+    assert rc == 2
+    one_line_error(err, "--data")
+    assert "--set" not in err, err

@@ -7,6 +7,7 @@ Exit codes: 0 done, 2 bad input (a one-line message naming the problem and the f
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -16,16 +17,43 @@ from .errors import QuietError
 # ----------------------------------------------------------------------------- shared options
 
 
-def _add_config_args(p: argparse.ArgumentParser, preset_default: str = "default") -> None:
-    """The run-config options every training-like verb takes."""
-    p.add_argument("--preset", default=preset_default, help="preset name (see `quietgpt presets`) or a .toml file")
-    p.add_argument("--data", help="data source: synthetic, shakespeare_char, a .txt file or folder, hf:NAME")
-    p.add_argument("--attention", help="attention variant: softmax, softmax1, softmax_n, sink, clipped, gated")
-    p.add_argument("--seed", type=int, help="random seed (init, data order)")
-    p.add_argument("--max-iters", type=int, help="training iterations")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help where X says something; an option whose default is None,
+    False or empty says in its own help what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        d = action.default
+        if d is None or d is False or (isinstance(d, str | list) and not d):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = "default", *,
+                     training: bool = True) -> None:
+    """The run-config options: --preset, --data and --set, and with `training` the flags only training uses."""
+    preset_help = "preset name (see `quietgpt presets`) or a .toml file"
+    if preset_default is None:
+        preset_help += " (default: default; with --resume, the checkpoint's own config)"
+    p.add_argument("--preset", default=preset_default, help=preset_help)
+    p.add_argument("--data", help="data source: synthetic, shakespeare_char, a .txt file or folder, hf:NAME "
+                                  "(default: the preset's)")
+    if training:
+        p.add_argument("--attention", help="attention variant: softmax, softmax1, softmax_n, sink, clipped, gated "
+                                           "(default: the preset's)")
+        p.add_argument("--seed", type=int, help="random seed (init, data order) (default: the preset's)")
+        p.add_argument("--max-iters", type=int, metavar="N",
+                       help="training iterations; also scales the preset's warmup_iters and lr_decay_iters by "
+                            "N / its max_iters (rounded), so the lr still warms up and decays to min_lr at N, "
+                            "unless you --set them; config.json records the scaled values. With --resume and no "
+                            "--preset only the end moves (default: the preset's)")
+        p.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: the preset's)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config field, e.g. --set model.n_layer=2 (repeatable)")
+                   help="override any config field, e.g. --set model.n_layer=2 (repeatable; flags win, but every "
+                        "value is checked)")
+
+
+_FLAGS = (("data", "data.source"), ("attention", "model.attention"), ("seed", "train.seed"),
+          ("max_iters", "train.max_iters"), ("device", "train.device"), ("out", "train.out_dir"))
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -33,12 +61,32 @@ def _overrides(args: argparse.Namespace) -> dict:
     from .config import parse_assignments
 
     out = parse_assignments(args.set)
-    for flag, key in (("data", "data.source"), ("attention", "model.attention"), ("seed", "train.seed"),
-                      ("max_iters", "train.max_iters"), ("device", "train.device"), ("out", "train.out_dir")):
+    for flag, key in _FLAGS:
         value = getattr(args, flag, None)
         if value is not None:
             out[key] = value
     return out
+
+
+def _run_config(args: argparse.Namespace, base, *, scale: bool = True):
+    """`base` (a preset name or .toml path, or a RunConfig such as a checkpoint's) <- every --set value, each
+    typed and validated even where a flag then replaces it <- the flags. --max-iters N also scales the lr
+    schedule (config.scale_schedule) unless `scale` is False or the user --set those keys."""
+    from .config import RunConfig, apply_overrides, load_config, parse_assignments, scale_schedule, schedule_note
+
+    sets = parse_assignments(args.set)
+    cfg = apply_overrides(base, sets) if isinstance(base, RunConfig) else load_config(base, sets)
+    flags = {key: getattr(args, flag) for flag, key in _FLAGS
+             if getattr(args, flag, None) is not None and key != "train.max_iters"}
+    cfg = apply_overrides(cfg, flags)
+    n = getattr(args, "max_iters", None)
+    if n is not None:
+        before = cfg
+        cfg = scale_schedule(cfg, n, explicit_keys=sets) if scale else apply_overrides(cfg, {"train.max_iters": n})
+        note = schedule_note(before, cfg)
+        if note and os.environ.get("RANK", "0") == "0":
+            print(note)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- verbs
@@ -67,10 +115,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Tokenise the configured data source into the cache and say where it is."""
-    from .config import load_config
     from .data import check_length, prepare
 
-    cfg = load_config(args.preset, _overrides(args))
+    cfg = _run_config(args, args.preset)
     ds = prepare(cfg.data)
     m = ds.meta
     print(f"{'reused' if ds.reused else 'prepared'} {m['source']} ({m['tokenizer_name']} tokenizer, "
@@ -86,21 +133,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one model into --out; --resume continues it (with its own config unless --preset is given)."""
-    from .config import apply_overrides, load_config
+    from .config import load_config
     from .train import train
 
-    overrides = _overrides(args)
     if args.resume and args.preset is None:
         from . import checkpoint
 
-        out = overrides.get("train.out_dir", load_config("default").train.out_dir)
+        out = _overrides(args).get("train.out_dir", load_config("default").train.out_dir)
         try:
             doc = checkpoint.read_config(out)
         except QuietError:  # killed before config.json was first written: the resume point has it too
             doc = checkpoint.load_train_state(out)["config"]
-        cfg = apply_overrides(checkpoint.run_config_of(doc), overrides)
+        # the run keeps the schedule it was started with: --max-iters only moves its end
+        cfg = _run_config(args, checkpoint.run_config_of(doc), scale=False)
     else:
-        cfg = load_config(args.preset or "default", overrides)
+        cfg = _run_config(args, args.preset or "default")
     summary = train(cfg, resume=args.resume, progress=True)
     if summary.get("world_size", 1) == 1 or os.environ.get("RANK", "0") == "0":
         print(f"val loss {summary['val_loss']:.4f} (best {summary['best_val_loss']:.4f}), "
@@ -214,51 +261,59 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import user_cache_dir
+
     parser = argparse.ArgumentParser(
-        prog="quietgpt",
+        prog="quietgpt", formatter_class=_HelpFormatter,
         description="Train GPTs whose attention normaliser is a choice (softmax, softmax1, ...), measure their "
                     "outliers and 8-bit quantized perplexity, and compare them in a study with an honest report.")
     parser.add_argument("--version", action="version", version=f"quietgpt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (shows attention paths)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verb = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
-    p = sub.add_parser("presets", help="list the shipped training and study presets, or print one")
+    p = verb("presets", help="list the shipped training and study presets, or print one")
     p.add_argument("name", nargs="?", help="a preset name (or .toml path) to print as TOML (the training "
                    "preset when both kinds have the name, unless --kind study)")
-    p.add_argument("--kind", choices=["train", "study"], help="which kind of preset NAME is")
+    p.add_argument("--kind", choices=["train", "study"], help="which kind of preset NAME is (default: training, "
+                   "unless only a study preset has the name)")
     p.set_defaults(fn=cmd_presets)
 
-    p = sub.add_parser("prepare", help="tokenise a data source into cached train.bin / val.bin")
-    _add_config_args(p)
+    p = verb("prepare", help="tokenise a data source into cached train.bin / val.bin")
+    _add_config_args(p, training=False)
     p.set_defaults(fn=cmd_prepare)
 
-    p = sub.add_parser("train", help="train one model")
+    p = verb("train", help="train one model")
     _add_config_args(p, preset_default=None)  # None: "default", or the checkpoint's own config with --resume
-    p.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, summary.json)")
+    p.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, summary.json) (default: the preset's "
+                                 "train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p = verb("sample", help="generate text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a training output folder")
     p.add_argument("--prompt", default=None, help="text to continue (default: a newline, or NEW for synthetic)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples to print")
+    p.add_argument("--temperature", type=float, default=0.8, help="divides the logits; 0 is greedy decoding")
+    p.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens only")
+    p.add_argument("--seed", type=int, default=1337, help="sampling seed (sample i uses seed + i)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("eval", help="measure kurtosis, infinity norms, abstention, perplexity, quantized perplexity")
+    p = verb("eval", help="measure kurtosis, infinity norms, abstention, perplexity, quantized perplexity")
     p.add_argument("--checkpoint", help="a training output folder")
     p.add_argument("--hf", help="a saved Hugging Face GPT-2 model folder instead of --checkpoint")
     p.add_argument("--data", help="data source (default: the checkpoint's own)")
     p.add_argument("--quant", default="w8a8", help="comma-separated quant configs, e.g. w8a8,w4a8 ('' for none)")
     p.add_argument("--json", required=True, help="where to write the results")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--tokenizer", choices=["auto", "char", "byte", "gpt2"],
-                   help="with --hf: how to tokenise --data (default gpt2 for GPT-2's vocabulary)")
-    p.add_argument("--cache-dir", default="", help="with --hf: where to cache the tokenised data (default cache)")
+                   help="with --hf: how to tokenise --data (default: gpt2 when the model has GPT-2's "
+                        "vocabulary, else auto)")
+    cache = str(user_cache_dir()).replace("%", "%%")
+    p.add_argument("--cache-dir", default="", help=f"with --hf: where to cache the tokenised data (default: {cache}, "
+                   "i.e. $QUIETGPT_CACHE, else $XDG_CACHE_HOME/quietgpt, else ~/.cache/quietgpt)")
     p.add_argument("--n-sequences", type=int, default=64, help="validation windows for activation statistics")
     p.add_argument("--calib-batches", type=int, default=16, help="training batches to calibrate quantization")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
@@ -266,15 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("study", help="train variants over seeds, measure them, and write a report")
+    p = verb("study", help="train variants over seeds, measure them, and write a report")
     p.add_argument("--preset", default="default",
                    help="study preset (see `quietgpt presets`) or a .toml file with a [study] table")
     p.add_argument("--out", required=True, help="study folder")
-    p.add_argument("--variants", help="comma-separated attention variants")
-    p.add_argument("--seeds", type=int, help="number of seeds")
-    p.add_argument("--baseline", help="the variant the others are compared with (default: the preset's, softmax)")
-    p.add_argument("--data", help="data source")
-    p.add_argument("--device", help="cpu, cuda, mps or auto")
+    p.add_argument("--variants", help="comma-separated attention variants (default: the study preset's)")
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the study preset's)")
+    p.add_argument("--baseline", help="the variant the others are compared with (default: the study preset's, "
+                   "softmax)")
+    p.add_argument("--data", help="data source (default: the study preset's)")
+    p.add_argument("--device", help="cpu, cuda, mps or auto (default: the study preset's)")
     p.add_argument("--quant", help="comma-separated quantization sweep (default: the preset's, e.g. "
                    "w8a8,w6a8,w4a8; '' for none)")
     p.add_argument("--jobs", type=int,
@@ -286,10 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "'quietgpt[slurm]')")
     p.add_argument("--force", action="store_true",
                    help="accept a changed config in an existing study folder: runs whose config changed are redone")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a run config field for every run, e.g. --set model.n_layer=2 (repeatable)")
     p.set_defaults(fn=cmd_study)
 
-    p = sub.add_parser("report", help="rebuild a study's report from its results")
+    p = verb("report", help="rebuild a study's report from its results")
     p.add_argument("dir", help="study folder")
     p.set_defaults(fn=cmd_report)
     return parser

@@ -151,6 +151,26 @@ def _coerce(section: str, key: str, typ, value):
     return value
 
 
+def config_keys() -> list[str]:
+    """Every "section.key" a run config has."""
+    return [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in fields(cls)]
+
+
+def suggest_keys(name: str) -> list[str]:
+    """Existing "section.key" names for a key that is not one: those with the same key in another section
+    (or, for a bare key, in any section), else the closest names (difflib)."""
+    section, _, key = name.rpartition(".")
+    keys = config_keys()
+    same = [k for k in keys if k.split(".", 1)[1] == key and k != name]
+    if same:
+        return same
+    pool = {k.split(".", 1)[1]: k for k in keys} if not section else {k: k for k in keys}
+    scores = {k: difflib.SequenceMatcher(None, key if not section else name, k).ratio() for k in pool}
+    best = max(scores.values())
+    close = sorted((k for k, r in scores.items() if r >= 0.6 and r >= best - 0.1), key=lambda k: -scores[k])
+    return [pool[k] for k in close[:3]]
+
+
 def apply_overrides(cfg: RunConfig, updates: dict) -> RunConfig:
     """A new RunConfig with `updates` ({section: {key: value}} or {"section.key": value}) applied,
     every value type-checked and every section re-validated."""
@@ -162,7 +182,11 @@ def apply_overrides(cfg: RunConfig, updates: dict) -> RunConfig:
         elif isinstance(v, dict):
             nested.setdefault(k, {}).update(v)
         else:
-            raise ConfigError(f"config key {k!r} needs a section: write model.{k}, data.{k} or train.{k}")
+            found = suggest_keys(k)
+            if any(f.endswith(f".{k}") for f in found):
+                raise ConfigError(f"config key {k!r} needs a section: write {' or '.join(found)}")
+            raise ConfigError(f"config key {k!r} needs a section, and no section has it; " + (
+                f"did you mean {' or '.join(found)}?" if found else f"the keys are {', '.join(config_keys())}"))
     parts = {}
     for section, cls in SECTIONS.items():
         current = dataclasses.asdict(getattr(cfg, section))
@@ -171,14 +195,45 @@ def apply_overrides(cfg: RunConfig, updates: dict) -> RunConfig:
         known = {f.name for f in fields(cls)}
         for key, value in given.items():
             if key not in known:
-                raise ConfigError(
-                    f"unknown config key {section}.{key}; known {section} keys: {', '.join(sorted(known))}"
-                )
+                found = suggest_keys(f"{section}.{key}")
+                raise ConfigError(f"unknown config key {section}.{key}; " + (
+                    f"did you mean {' or '.join(found)}?" if found else
+                    f"known {section} keys: {', '.join(sorted(known))}"))
             current[key] = _coerce(section, key, hints[key], value)
         parts[section] = cls(**current)
     if nested:
         raise ConfigError(f"unknown config section(s) {', '.join(sorted(nested))}; use model, data or train")
     return RunConfig(**parts)
+
+
+SCHEDULE_KEYS = ("train.warmup_iters", "train.lr_decay_iters")
+
+
+def scale_schedule(cfg: RunConfig, max_iters: int, explicit_keys=()) -> RunConfig:
+    """cfg with train.max_iters = max_iters and the lr schedule stretched to match: warmup_iters and
+    lr_decay_iters times max_iters / cfg.train.max_iters, rounded half up (lr_decay_iters at least 1), so
+    a schedule that decayed exactly at the old end decays exactly at the new one. A key among
+    `explicit_keys` ("train.warmup_iters", "train.lr_decay_iters": what the user set) keeps its value.
+    This is what `--max-iters` does; `--set train.max_iters=N` sets the end alone."""
+    old = cfg.train.max_iters
+    updates: dict = {"train.max_iters": max_iters}
+    if isinstance(max_iters, int) and not isinstance(max_iters, bool) and max_iters >= 1 and max_iters != old:
+        for key in SCHEDULE_KEYS:
+            if key not in explicit_keys:
+                value = getattr(cfg.train, key.split(".", 1)[1])
+                scaled = (2 * value * max_iters + old) // (2 * old)  # round(value * max_iters / old), half up
+                updates[key] = max(scaled, 1) if key == "train.lr_decay_iters" else scaled
+    return apply_overrides(cfg, updates)
+
+
+def schedule_note(before: RunConfig, after: RunConfig) -> str | None:
+    """One line saying how scale_schedule changed the schedule, or None if it did not."""
+    changes = [f"{k} {getattr(before.train, k)} -> {getattr(after.train, k)}"
+               for k in ("warmup_iters", "lr_decay_iters") if getattr(before.train, k) != getattr(after.train, k)]
+    if not changes:
+        return None
+    return (f"--max-iters {after.train.max_iters} (was {before.train.max_iters}) scales the lr schedule: "
+            f"{', '.join(changes)}; --set train.warmup_iters=... / train.lr_decay_iters=... to choose them yourself")
 
 
 def parse_assignments(items: list[str]) -> dict:

@@ -17,6 +17,7 @@ Undefined values (a constant tensor) are None, never NaN.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import QuietError
+from .hf import load_hf_gpt2
 from .model import GPT, SITES
 from .quant import parse_quant_list, quantized
 from .registry import ACTIVATIONS, eval_summary
@@ -495,10 +497,22 @@ def evaluate_checkpoint(ckpt_dir: str | Path, *, data: str | None = None, quant:
     from .data import prepare
 
     data_cfg = cfg.data if data is None else dataclasses.replace(cfg.data, source=data)
-    dataset = prepare(data_cfg)
+    try:
+        dataset = prepare(data_cfg)
+    except QuietError as e:
+        raise QuietError(_eval_advice(str(e), hf=False)) from None
     _check_tokenizer(ckpt_dir, dataset)
     return measure(model, dataset, quant=quant, device=device, checkpoint=str(ckpt_dir),
                    data=data_cfg.source, **kw).to_dict()
+
+
+def _eval_advice(msg: str, *, hf: bool) -> str:
+    """data.py's advice for train/prepare names `--set data.tokenizer=X`; `eval` has no --set: with --hf it
+    takes --tokenizer X, and a checkpoint must be read with its own tokenizer."""
+    if hf:
+        return re.sub(r"--set data\.tokenizer=(\w+)", r"--tokenizer \1", msg)
+    msg = re.sub(r",? or use --set data\.tokenizer=\w+", "", msg)
+    return re.sub(r"use --set data\.tokenizer=\w+", "pass --data that the checkpoint's own tokenizer reads", msg)
 
 
 def _check_tokenizer(ckpt_dir, dataset) -> None:
@@ -518,33 +532,6 @@ def _check_tokenizer(ckpt_dir, dataset) -> None:
                          f"was trained with ({want.get('name', want)}); pass --data prepared with the same tokenizer")
 
 
-def load_hf_gpt2(path: str | Path) -> GPT:
-    """A saved Hugging Face GPT-2 folder (save_pretrained) as a quietgpt GPT (softmax attention)."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise QuietError(f"{path} is not a saved Hugging Face model folder (config.json missing); "
-                         "pass a folder written by save_pretrained")
-    try:
-        from transformers import GPT2LMHeadModel
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        raise QuietError("--hf needs the transformers package; pip install 'quietgpt[hf]'") from None
-    # a CLI error must stay one line: no transformers warnings or progress bars while loading
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        hf = GPT2LMHeadModel.from_pretrained(str(folder))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        msg = " ".join(str(e).split())[:200]
-        raise QuietError(f"cannot load a GPT-2 model from {path} ({msg}); pass a saved GPT-2 folder") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    return GPT.from_hf(hf).eval()
-
-
 def evaluate_hf(path: str | Path, *, data: str, tokenizer: str | None = None, quant: Sequence[str] | str = ("w8a8",),
                 device: str = "cpu", cache_dir: str = "", **kw) -> dict:
     """measure(...).to_dict() of a saved Hugging Face GPT-2 model on the data source `data`, tokenised
@@ -558,5 +545,12 @@ def evaluate_hf(path: str | Path, *, data: str, tokenizer: str | None = None, qu
 
     if tokenizer is None:
         tokenizer = "gpt2" if model.config.vocab_size >= 50257 else "auto"
-    dataset = prepare(DataConfig(source=data, tokenizer=tokenizer, cache_dir=cache_dir))
+    try:
+        dataset = prepare(DataConfig(source=data, tokenizer=tokenizer, cache_dir=cache_dir))
+    except QuietError as e:
+        raise QuietError(_eval_advice(str(e), hf=True)) from None
+    if dataset.vocab_size > model.config.vocab_size:
+        raise QuietError(f"--tokenizer {tokenizer} gives a vocabulary of {dataset.vocab_size} tokens but the model "
+                         f"in {path} has {model.config.vocab_size}; pass the --tokenizer the model was trained with "
+                         "(auto, char, byte or gpt2)")
     return measure(model, dataset, quant=quant, device=device, checkpoint=str(path), data=data, **kw).to_dict()

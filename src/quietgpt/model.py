@@ -362,36 +362,7 @@ class GPT(nn.Module):
     @classmethod
     def from_hf(cls, model_or_state_dict, config: GPTConfig | None = None) -> GPT:
         """Load Hugging Face GPT-2 weights (a `GPT2LMHeadModel` or its state dict) into the softmax
-        variant. With a model, the config comes from model.config; with a state dict, pass `config`.
-        HF's Conv1D stores weights as (in, out); nn.Linear wants (out, in), so those are transposed."""
-        sd_hf = model_or_state_dict
-        if not isinstance(model_or_state_dict, dict):
-            hf = model_or_state_dict.config
-            if config is None:
-                act = getattr(hf, "activation_function", "gelu_new")
-                config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
-                                   n_head=hf.n_head, n_embd=hf.n_embd, bias=True, attention="softmax",
-                                   gelu="tanh" if act in ("gelu_new", "gelu_pytorch_tanh") else "none")
-            sd_hf = model_or_state_dict.state_dict()
-        if config is None:
-            raise ConfigError("from_hf with a state dict needs config=GPTConfig(...) (n_head cannot be inferred)")
-        model = cls(config)
-        sd = model.state_dict()
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        keys_hf = [k for k in sd_hf if not k.endswith((".attn.masked_bias", ".attn.bias"))]
-        missing = [k for k in sd if k not in sd_hf and k != "lm_head.weight"]
-        if missing:
-            raise ConfigError(
-                f"not a GPT-2 state dict of this shape: missing {missing[0]} (and {len(missing) - 1} more)"
-            )
-        with torch.no_grad():
-            for k in keys_hf:
-                if k not in sd:
-                    continue
-                src = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
-                if src.shape != sd[k].shape:
-                    raise ConfigError(
-                        f"shape mismatch for {k}: checkpoint {tuple(src.shape)} vs model {tuple(sd[k].shape)}"
-                    )
-                sd[k].copy_(src)
-        return model
+        variant; see quietgpt.hf.from_hf, which refuses (QuietError) any model this one cannot reproduce."""
+        from .hf import from_hf
+
+        return from_hf(model_or_state_dict, config)
