@@ -193,7 +193,6 @@ def test_hf_gpt2_measured_like_transformers_without_data_module(tmp_path):
     assert m.perplexity["w16a16"] == pytest.approx(m.perplexity["fp"], rel=1e-3)
 
 
-@needs_data
 def test_eval_checkpoint_advice_never_names_set(tmp_path, text_file, capsys):
     """eval has no --set: data.py's `--set data.tokenizer=...` advice must not reach an eval user."""
     ckpt, _, _ = _checkpoint(tmp_path, text_file)
