@@ -23,7 +23,8 @@ import torch
 
 from quietgpt import GPT, GPTConfig
 from quietgpt.atomic import atomic_write_json
-from quietgpt.metrics import eval_windows, measure, nll_pass
+from quietgpt.metrics import measure
+from quietgpt.perplexity import calibration_batches, eval_windows, nll_pass
 from quietgpt.quant import parse_quant, quantized
 
 
@@ -65,8 +66,7 @@ def main() -> None:
         return time.perf_counter() - t, m.timings["calib_s"], m.timings
 
     def t_calib() -> float:
-        from quietgpt.metrics import _calibration_batches
-        calib = _calibration_batches(ds.train, args.calib_batches, 8, args.block_size, 0, "cpu")
+        calib = calibration_batches(ds.train, args.calib_batches, 8, args.block_size, 0, "cpu")
         t = time.perf_counter()
         with quantized(model, parse_quant("w8a8"), calib):
             pass

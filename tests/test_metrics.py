@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from quietgpt import GPT, GPTConfig, QuietError
-from quietgpt.metrics import Moments, StatsCollector, eval_windows, kurtosis, measure, weight_stats
+from quietgpt.collectors import StatsCollector, weight_stats
+from quietgpt.metrics import measure
+from quietgpt.moments import Moments, kurtosis
+from quietgpt.perplexity import eval_windows
 
 
 def tiny(attention: str = "softmax", seed: int = 0, **kw) -> GPT:
