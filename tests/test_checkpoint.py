@@ -198,12 +198,3 @@ def test_check_compatible_names_the_key():
     with pytest.raises(QuietError, match="vocabulary"):
         ckpt.check_compatible({"model": {**cfg.model.to_dict(), "vocab_size": 12}}, cfg, "out")
     ckpt.check_compatible({"model": {**cfg.model.to_dict(), "dropout": 0.3}}, cfg, "out")  # not architecture
-
-
-def test_resolve_device():
-    assert ckpt.resolve_device("cpu") == torch.device("cpu")
-    assert ckpt.resolve_device("auto").type in ("cpu", "cuda", "mps")
-    if not torch.cuda.is_available():
-        with pytest.raises(QuietError, match="not available") as e:
-            ckpt.resolve_device("cuda")
-        one_line(e)

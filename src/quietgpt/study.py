@@ -346,8 +346,9 @@ def execute_run(spec: dict, variant: str, seed: int, study_dir: str, threads: in
 
         if threads > 0:
             torch.set_num_threads(threads)
-        from .checkpoint import load_model, resolve_device
+        from .checkpoint import load_model
         from .data import prepare
+        from .device import resolve_device
         from .metrics import measure
 
         cfg = run_config(spec, variant, seed, run_dir)
@@ -436,7 +437,7 @@ def _pool_run(spec, variant, seed, study_dir):
 
 def auto_jobs(device: str) -> int:
     """Runs at a time when --jobs is not given: one per CPU core on CPU, one per GPU on CUDA, 1 on MPS."""
-    from .checkpoint import resolve_device
+    from .device import resolve_device
 
     kind = resolve_device(device).type
     if kind == "cuda":
@@ -661,12 +662,12 @@ def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequenc
     if launcher != "slurm":
         # A device this machine lacks, or data that cannot be read, is one error now rather than one failed
         # run per pair; and preparing the data once here means the runs (maybe in parallel) only read it.
-        from .checkpoint import resolve_device
         from .data import prepare
+        from .device import resolve_device
 
         resolve_device(spec["run"]["train"]["device"])
         prepare(run_config(spec, spec["variants"][0], spec["seeds"][0], study_dir / "runs").data)
-    from .train import RunLock
+    from .runfolder import RunLock
 
     lock = RunLock(study_dir).acquire()  # two studies writing one folder would undo each other's runs
     try:
