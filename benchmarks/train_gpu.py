@@ -1,14 +1,16 @@
 """GPU training throughput and MFU: a preset's model (gpt2-small by default) per attention variant,
-eager and torch.compile, under the autocast dtype train.py picks (bf16 on recent GPUs), fused AdamW.
+eager and torch.compile, under the autocast dtype train() picks (bf16 on recent GPUs), fused AdamW.
 
     python benchmarks/train_gpu.py --json out/train_gpu.json
     python benchmarks/train_gpu.py --variants softmax,softmax1,sink --compile off --json out/t.json
 
 The protocol is nanoGPT's bench.py: random tokens (throughput does not depend on the text, and a GPU
-machine may have no data or tokenizer files), batch 12 x 1024, one optimizer step per iteration with
-gradient clipping, timed after warm-up (and after compilation). The model, optimizer groups, fused
-AdamW and autocast context are quietgpt's own (model.configure_optimizers, train._amp). Configurations
-are measured in interleaved rounds (A B C .. A B C) and each reports the median over rounds.
+machine may have no data or tokenizer files), batch 12 x 1024, one optimizer step per iteration, timed
+after warm-up (and after compilation). The step is the one train() runs: quietgpt.training.train_step
+with the preset's optimizer settings (gradient accumulation over --grad-accum micro-batches, autocast, a
+GradScaler under float16, gradient clipping, the non-finite check: per step on the CPU, flagged on the
+device and read after each timed round on a GPU). Configurations are measured in interleaved rounds
+(A B C .. A B C) and each reports the median over rounds.
 
 MFU = tokens/s x model.flops_per_token() / peak: nanoGPT's estimate_mfu (6N + 12 L H Q T per token),
 against --peak-tflops (default: the dense bf16 datasheet peak of the GPU, 989.5 for H100/H200 SXM,
@@ -29,8 +31,10 @@ from pathlib import Path
 import torch
 
 from quietgpt.config import TrainConfig, apply_overrides, load_config
+from quietgpt.device import allow_tf32, amp_context
+from quietgpt.errors import QuietError
 from quietgpt.model import GPT, GPTConfig
-from quietgpt.train import _amp
+from quietgpt.training import NonFiniteGuard, build_step_parts, train_step
 
 PEAKS = {"H100": 989.5, "H200": 989.5, "GH200": 989.5, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
@@ -43,34 +47,32 @@ def peak_tflops(name: str) -> float | None:
 
 
 class Config:
-    """One measured configuration: its model, optimizer, batches and step function."""
+    """One measured configuration: its model, its step parts (optimizer, scaler, autocast, compiled model),
+    pre-made batches, and one training step."""
 
-    def __init__(self, mcfg: GPTConfig, variant: str, compiled: bool, batch: int, device: torch.device,
-                 amp, seed: int):
-        self.name = f"{variant}{' compiled' if compiled else ''}"
-        self.variant, self.compiled = variant, compiled
+    def __init__(self, mcfg: GPTConfig, variant: str, tc: TrainConfig, device: torch.device, seed: int):
+        self.name = f"{variant}{' compiled' if tc.compile else ''}"
+        self.variant, self.compiled = variant, tc.compile
         torch.manual_seed(seed)
         cfg = GPTConfig.from_dict({**mcfg.to_dict(), "attention": variant})
         self.model = GPT(cfg).to(device)
-        self.tokens_per_iter = batch * cfg.block_size
+        self.tokens_per_iter = tc.batch_size * cfg.block_size * tc.gradient_accumulation_steps
         self.flops_per_token = self.model.flops_per_token()
-        self.opt = self.model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
-        self.step_model = torch.compile(self.model) if compiled else self.model
+        self.parts = build_step_parts(self.model, tc, device)
+        self.guard = NonFiniteGuard(tc, device)
+        self.lr = tc.learning_rate
         g = torch.Generator(device="cpu").manual_seed(seed)
-        # a few distinct batches, cycled: no host->device copy inside the timed loop
-        self.batches = [torch.randint(cfg.vocab_size, (batch, cfg.block_size + 1), generator=g).to(device)
-                        for _ in range(4)]
-        self.amp, self.i = amp, 0
+        # a few distinct steps' micro-batches, cycled: no host->device copy inside the timed loop
+        xy = [torch.randint(cfg.vocab_size, (tc.batch_size, cfg.block_size + 1), generator=g).to(device)
+              for _ in range(4 * tc.gradient_accumulation_steps)]
+        pairs = [(t[:, :-1], t[:, 1:]) for t in xy]
+        accum = tc.gradient_accumulation_steps
+        self.batches = [pairs[i:i + accum] for i in range(0, len(pairs), accum)]
+        self.i = 0
 
     def step(self) -> None:
-        xy = self.batches[self.i % len(self.batches)]
+        train_step(self.parts, self.batches[self.i % len(self.batches)], it=self.i, lr=self.lr, guard=self.guard)
         self.i += 1
-        with self.amp:
-            _, loss = self.step_model(xy[:, :-1], xy[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="softmax,softmax1")
     ap.add_argument("--compile", choices=("off", "on", "both"), default="both")
     ap.add_argument("--batch-size", type=int, default=12)
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--block-size", type=int, default=0, help="override the preset's context (0: keep)")
     ap.add_argument("--vocab-size", type=int, default=50304, help="GPT-2's 50257 padded to a multiple of 64")
     ap.add_argument("--dtype", default="auto", help="train.dtype: auto (bf16 where supported), float32, ...")
@@ -94,28 +97,32 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda needs a CUDA build of torch and a GPU; pass --device cpu to run on the CPU")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(device)  # as train() does
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = args.peak_tflops or peak_tflops(name)
     over = {"model.vocab_size": args.vocab_size}
     if args.block_size:
         over["model.block_size"] = args.block_size
+    over.update({"train.dtype": args.dtype, "train.batch_size": args.batch_size,
+                 "train.gradient_accumulation_steps": args.grad_accum})
     run_cfg = apply_overrides(load_config(args.preset), over)
-    amp_dtype, amp = _amp(TrainConfig(dtype=args.dtype), device)
+    try:
+        amp_dtype, _ = amp_context(args.dtype, device)
+    except QuietError as e:
+        ap.error(str(e))
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     variants = [v for v in args.variants.split(",") if v]
     result = {"benchmark": "train_gpu", "device": name, "torch": torch.__version__, "preset": args.preset,
-              "model": run_cfg.model.to_dict(), "batch_size": args.batch_size, "dtype": str(amp_dtype),
-              "iters": args.iters, "rounds": args.rounds, "peak_tflops": peak, "results": []}
+              "model": run_cfg.model.to_dict(), "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+              "dtype": str(amp_dtype), "iters": args.iters, "rounds": args.rounds, "peak_tflops": peak, "results": []}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     configs = []
     for compiled in modes:
         for v in variants:
-            c = Config(run_cfg.model, v, compiled, args.batch_size, device, amp, seed=1)
+            tc = apply_overrides(run_cfg, {"train.compile": compiled}).train
+            c = Config(run_cfg.model, v, tc, device, seed=1)
             cuda = device.type == "cuda"
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.iters):
                     c.step()
                 c.times.append((time.perf_counter() - t0) / args.iters)
+            c.guard.check_deferred()  # after the timed region: a run that went non-finite measured nothing
     base = {}
     for c in configs:
         s = statistics.median(c.times)

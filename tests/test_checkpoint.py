@@ -200,15 +200,6 @@ def test_check_compatible_names_the_key():
     ckpt.check_compatible({"model": {**cfg.model.to_dict(), "dropout": 0.3}}, cfg, "out")  # not architecture
 
 
-def test_resolve_device():
-    assert ckpt.resolve_device("cpu") == torch.device("cpu")
-    assert ckpt.resolve_device("auto").type in ("cpu", "cuda", "mps")
-    if not torch.cuda.is_available():
-        with pytest.raises(QuietError, match="not available") as e:
-            ckpt.resolve_device("cuda")
-        one_line(e)
-
-
 def test_cuda_kernel_is_recorded_and_old_configs_without_it_load(tmp_path):
     """model.cuda_kernel is written to config.json; a config.json from before the field existed loads
     with "auto" (the behaviour those runs had), and a resume from it is not an architecture change."""

@@ -231,7 +231,7 @@ def test_full_disk_while_saving(tmp_path, cache, monkeypatch, capsys, failing):
 
 HOLD = """
 import sys, time
-from quietgpt.train import RunLock
+from quietgpt.runfolder import RunLock
 RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)

@@ -200,8 +200,8 @@ def test_slurm_launcher_errors_are_one_line(tmp_path, monkeypatch):
 
 
 def test_one_study_at_a_time_per_folder(tmp_path):
+    from quietgpt.runfolder import RunLock
     from quietgpt.study import run_study
-    from quietgpt.train import RunLock
 
     with RunLock(tmp_path / "s"), pytest.raises(QuietError, match="in use by another quietgpt run"):
         run_study(tmp_path / "s", seeds=1, overrides=tiny(tmp_path / "c"), progress=False)

@@ -19,7 +19,10 @@ from quietgpt import checkpoint as ckpt
 from quietgpt.config import load_config
 from quietgpt.errors import QuietError
 from quietgpt.model import GPT
-from quietgpt.train import NonFiniteError, RunLock, _model_vocab, derive_seed, train
+from quietgpt.runfolder import RunLock
+from quietgpt.train import NonFiniteError, derive_seed, train
+from quietgpt.training import TrainState
+from quietgpt.training.batches import model_vocab
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bold wizards quietly hum "
          "and jovial knights examine crazy puzzles near the old mill").split()
@@ -107,7 +110,11 @@ def test_run_folder_summary_and_metrics(tmp_path, corpus, capsys):
     _, cfg2 = ckpt.load_model(run)
     assert cfg2.model.vocab_size == summary["vocab_size"]
     assert json.loads((run / "config.json").read_text())["tokenizer"]
-    assert torch.load(run / "train_state.pt", weights_only=True)["iter"] == 6
+    state = torch.load(run / "train_state.pt", weights_only=True)
+    assert state["iter"] == 6
+    # TrainState is all that is saved besides the weights, optimizer/scaler state dicts, config and meta
+    assert set(state) == set(TrainState().to_dict()) | {"optimizer", "scaler", "model", "config", "extras",
+                                                        "format_version"}
     err = capsys.readouterr().err  # stderr is not a TTY here: plain progress lines, no bar
     assert "iter 5/6: loss" in err and "\r" not in err
 
@@ -218,9 +225,9 @@ def test_nonfinite_stop_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch
 def test_nonfinite_deferred_check_names_the_first_bad_iteration(tmp_path, corpus, monkeypatch):
     """The accelerator path (no per-step host sync), exercised on CPU: the NaN at iteration 4 is noticed
     at the next check point (the eval before iteration 6's checkpoint), named correctly, and never saved."""
-    import quietgpt.train as T
+    import quietgpt.training.step as S
 
-    monkeypatch.setattr(T, "_check_every_step", lambda device, tc: False)
+    monkeypatch.setattr(S, "check_every_step", lambda device, tc: False)
     cfg = tiny(tmp_path, corpus, **{"train.max_iters": 9, "train.log_interval": 100})
     nan_after(monkeypatch, first=5)
     with pytest.raises(NonFiniteError, match="iteration 4") as e:
@@ -251,7 +258,7 @@ def test_lock_refuses_a_second_run_and_a_dead_owner_is_taken_over(tmp_path, corp
         train(cfg, progress=False)
     assert not (run / "model.safetensors").exists()
     # a run in another process holds the lock, then dies by SIGKILL: its lock does not stay stuck
-    code = (f"import sys, time; from quietgpt.train import RunLock; RunLock({str(run)!r}).acquire(); "
+    code = (f"import sys, time; from quietgpt.runfolder import RunLock; RunLock({str(run)!r}).acquire(); "
             "print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
@@ -318,8 +325,8 @@ def test_trackers_are_optional(tmp_path, corpus):
 
 def test_vocab_padding_only_for_gpt2_and_seed_streams():
     ds = lambda name, v: types.SimpleNamespace(vocab_size=v, tokenizer=types.SimpleNamespace(name=name))
-    assert _model_vocab(ds("gpt2", 50257)) == 50304
-    assert _model_vocab(ds("char", 65)) == 65 and _model_vocab(ds("byte", 256)) == 256
+    assert model_vocab(ds("gpt2", 50257)) == 50304
+    assert model_vocab(ds("char", 65)) == 65 and model_vocab(ds("byte", 256)) == 256
     seeds = {derive_seed(1337, s) for s in (1, 100, 101, 1000, 1001)} | {derive_seed(1338, 1)}
     assert len(seeds) == 6 and all(0 <= s < 2**63 for s in seeds)
     assert derive_seed(5, 1) == derive_seed(5, 1)

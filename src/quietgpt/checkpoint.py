@@ -27,6 +27,7 @@ import torch
 
 from .atomic import atomic_write, atomic_write_json
 from .config import SECTIONS, RunConfig
+from .device import resolve_device
 from .errors import QuietError
 from .model import GPT, GPTConfig
 
@@ -36,32 +37,6 @@ TIED = {"lm_head.weight": "transformer.wte.weight"}  # stored once, under the va
 # model settings that change the parameters' meaning or shapes: a resume must not change them
 ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "attention", "softmax_n",
              "clip_gamma", "clip_zeta", "gelu")
-
-
-def resolve_device(name: str) -> torch.device:
-    """"cpu" | "cuda" | "cuda:N" | "mps" | "auto" -> a torch.device that exists here, or a one-line QuietError."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise QuietError(f"device {name!r} is not available here (no CUDA GPU visible to torch); "
-                             "use --device cpu or auto")
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise QuietError(f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} "
-                             "GPU(s), use cuda:0..")
-        return dev
-    if name == "mps":
-        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
-            raise QuietError("device 'mps' is not available here (no Apple GPU); use --device cpu or auto")
-        return torch.device("mps")
-    if name == "cpu":
-        return torch.device("cpu")
-    raise QuietError(f"unknown device {name!r}; choose cpu, cuda, cuda:N, mps or auto")
 
 
 # ----------------------------------------------------------------------------- saving

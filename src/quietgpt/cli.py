@@ -202,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if (args.checkpoint is None) == (args.hf is None):
         raise QuietError("pass exactly one of --checkpoint DIR (a training output folder) or --hf PATH")
-    from .checkpoint import resolve_device
+    from .device import resolve_device
 
     kw = dict(quant=quant, device=str(resolve_device(args.device)), n_sequences=args.n_sequences,
               calib_batches=args.calib_batches, seed=args.seed, batch_size=args.batch_size)

@@ -58,12 +58,12 @@ def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequenc
     if launcher != "slurm":
         # A device this machine lacks, or data that cannot be read, is one error now rather than one failed
         # run per pair; and preparing the data once here means the runs (maybe in parallel) only read it.
-        from ..checkpoint import resolve_device
+        from ..device import resolve_device
         from ..data import prepare
 
         resolve_device(spec.device)
         prepare(spec.run.data)
-    from ..train import RunLock
+    from ..runfolder import RunLock
 
     lock = RunLock(study_dir).acquire()  # two studies writing one folder would undo each other's runs
     try:

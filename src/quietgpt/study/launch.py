@@ -66,7 +66,7 @@ def gpu_count() -> int:
 def auto_jobs(device: str) -> int:
     """Runs at a time when --jobs is not given: one per CPU core on CPU (small models use cores far better
     side by side than through intra-op threads), one per GPU on CUDA, 1 on MPS."""
-    from ..checkpoint import resolve_device
+    from ..device import resolve_device
 
     kind = resolve_device(device).type
     if kind == "cuda":

@@ -118,7 +118,8 @@ def _train(cfg, run_dir: Path, progress: bool) -> dict:
 
 def _measure(spec: StudySpec, cfg, run_dir: Path) -> tuple[dict, np.ndarray]:
     """eval.json's dict and the attention sample of the trained run in run_dir."""
-    from ..checkpoint import load_model, resolve_device
+    from ..checkpoint import load_model
+    from ..device import resolve_device
     from ..data import prepare
     from ..metrics import measure
 

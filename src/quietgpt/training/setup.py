@@ -1,0 +1,125 @@
+"""Everything before the first step: the checks, the data, the model, the optimizer and the resume point.
+
+All checks that can fail on user input run before the run folder is touched (only a resume may rewrite
+published files that a crash left one checkpoint behind: checkpoint.republish).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..config import RunConfig, TrainConfig
+from ..data import Dataset
+from ..device import amp_context
+from ..errors import QuietError
+from ..model import GPT
+from .batches import TrainBatches, prepare_data
+from .checkpointer import has_checkpoint
+from .distributed import Dist
+from .schedule import DROPOUT_STREAM, derive_seed
+from .state import TrainState, restore_rng
+from .step import StepParts, build_step_parts
+
+__all__ = ["TrainRun", "setup_run"]
+
+
+@dataclass
+class TrainRun:
+    """What the loop works with: the run as configured, its data, its step parts and where it stands."""
+
+    cfg: RunConfig  # model.vocab_size is the data's
+    out: Path
+    dist: Dist
+    dataset: Dataset
+    extras: dict  # {"tokenizer": .., "dataset": ..} meta, stored with every checkpoint
+    parts: StepParts
+    batches: TrainBatches
+    state: TrainState  # after 0 steps, or the resume point
+    resume: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens of one optimizer step, all ranks together."""
+        tc = self.cfg.train
+        return tc.batch_size * self.cfg.model.block_size * tc.gradient_accumulation_steps
+
+
+def setup_run(cfg: RunConfig, device: torch.device, d: Dist, *, resume: bool) -> TrainRun:
+    """Check cfg against the run folder, prepare the data, build the model and its step parts, and, with
+    resume, continue them from train_state.pt (weights, optimizer, GradScaler, RNG streams, TrainState).
+    Raises a one-line QuietError on anything that does not fit, before any file is written."""
+    tc = cfg.train
+    out = Path(tc.out_dir)
+    if tc.gradient_accumulation_steps % d.world:
+        raise QuietError(f"train.gradient_accumulation_steps ({tc.gradient_accumulation_steps}) must be a "
+                         f"multiple of the number of processes ({d.world}); the global batch is "
+                         "batch_size x gradient_accumulation_steps")
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    # Check the resume point (or that we are not about to overwrite one) before any work.
+    saved = None
+    if resume:
+        saved = ckpt.load_train_state(out)
+    elif d.master and has_checkpoint(out):
+        raise QuietError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another "
+                         "--out (or delete the folder) to start over")
+    amp = amp_context(tc.dtype, device)  # a dtype this device lacks fails before the data is prepared
+
+    dataset, cfg = prepare_data(cfg, d)
+    extras = {"tokenizer": dataset.tokenizer.to_meta(), "dataset": dataset.meta}
+    if saved is not None:
+        _check_saved_fits(saved, cfg, extras["tokenizer"], out)
+    model = _new_model(cfg, d)
+    if saved is not None:
+        ckpt.load_state_into(model, saved, out)
+        if d.master:
+            ckpt.republish(out, model, cfg, saved, extras=extras)
+    model.to(device)
+    parts = build_step_parts(model, cfg.train, device, d, amp=amp)
+    batches = TrainBatches(dataset.train, cfg.train, cfg.model.block_size, d, device)
+    state = TrainState(world_size=d.world, seed=tc.seed)
+    if saved is not None:
+        state = _restore(saved, parts, batches, cfg.train, d, out)
+    return TrainRun(cfg, out, d, dataset, extras, parts, batches, state, resume)
+
+
+def _check_saved_fits(saved: dict, cfg: RunConfig, tokenizer: dict, out: Path) -> None:
+    """QuietError unless the resume point has cfg's architecture and the data's tokenizer."""
+    ckpt.check_compatible(saved["config"], cfg, out)
+    saved_tok = saved.get("extras", {}).get("tokenizer")
+    if saved_tok is not None and json.dumps(saved_tok, sort_keys=True) != json.dumps(tokenizer, sort_keys=True):
+        raise QuietError(f"checkpoint in {out} was trained with another tokenizer/vocabulary than "
+                         f"{cfg.data.source!r} gives; resume with the same data, or choose another --out")
+
+
+def _new_model(cfg: RunConfig, d: Dist) -> GPT:
+    """cfg's model at its seeded init, and this rank's dropout stream seeded."""
+    # the same init on every rank (DDP also broadcasts rank 0's); then per-rank dropout streams
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    torch.manual_seed(derive_seed(cfg.train.seed, DROPOUT_STREAM + d.rank))
+    return model
+
+
+def _restore(saved: dict, parts: StepParts, batches: TrainBatches, tc: TrainConfig, d: Dist, out: Path) -> TrainState:
+    """Continue the optimizer, GradScaler and random streams from the train_state dict `saved`; its TrainState,
+    stamped with this session's world size and seed (what its next save records)."""
+    try:
+        parts.optimizer.load_state_dict(saved["optimizer"])
+        if parts.scaler is not None and saved.get("scaler"):
+            parts.scaler.load_state_dict(saved["scaler"])
+        state = TrainState.from_dict(saved)
+        restore_rng(state.rng, batches.gen, parts.device, d, tc.seed, state.iter)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise QuietError(f"{out}/{ckpt.STATE} does not fit this run ({' '.join(str(e).split())[:120]}); "
+                         "resume with the same settings or choose another --out") from None
+    if state.iter > tc.max_iters:
+        raise QuietError(f"the checkpoint in {out} is at iteration {state.iter}, past train.max_iters "
+                         f"({tc.max_iters}); pass --max-iters {state.iter} or more")
+    state.world_size, state.seed = d.world, tc.seed
+    return state
