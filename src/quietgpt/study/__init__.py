@@ -58,8 +58,8 @@ def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequenc
     if launcher != "slurm":
         # A device this machine lacks, or data that cannot be read, is one error now rather than one failed
         # run per pair; and preparing the data once here means the runs (maybe in parallel) only read it.
-        from ..device import resolve_device
         from ..data import prepare
+        from ..device import resolve_device
 
         resolve_device(spec.device)
         prepare(spec.run.data)

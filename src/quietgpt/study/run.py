@@ -119,8 +119,8 @@ def _train(cfg, run_dir: Path, progress: bool) -> dict:
 def _measure(spec: StudySpec, cfg, run_dir: Path) -> tuple[dict, np.ndarray]:
     """eval.json's dict and the attention sample of the trained run in run_dir."""
     from ..checkpoint import load_model
-    from ..device import resolve_device
     from ..data import prepare
+    from ..device import resolve_device
     from ..metrics import measure
 
     model, _ = load_model(run_dir, device=str(resolve_device(cfg.train.device)))
