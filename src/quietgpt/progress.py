@@ -92,6 +92,7 @@ class Progress:
         """Take the bar down; notes still print afterwards."""
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
 
     def __enter__(self) -> Progress:
         return self

@@ -100,7 +100,7 @@ def run_pool(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, j
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
                                initargs=(threads, gpu_queue, os.getpid()))
     try:
-        with _sigint_ignored():  # workers spawned now inherit it: Ctrl-C reaches only this process
+        with _sigint_blocked():  # workers spawned now inherit it: Ctrl-C reaches only this process
             futs = {pool.submit(_pool_run, spec, v, s, study_dir): (v, s) for v, s in todo}
         for fut in as_completed(futs):
             v, s = futs[fut]
@@ -121,17 +121,18 @@ def run_pool(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, j
 
 
 @contextlib.contextmanager
-def _sigint_ignored():
-    """SIGINT ignored in this process for the block. A child started meanwhile keeps ignoring it (an ignored
-    signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler), so a Ctrl-C
-    during worker start-up prints no tracebacks from the workers; the study handles it alone."""
+def _sigint_blocked():
+    """SIGINT blocked in this thread for the block. A child started meanwhile inherits the blocked mask
+    across fork and exec and keeps it (Python never unblocks it), so a Ctrl-C during worker start-up
+    prints no tracebacks from the workers: the study handles it alone. A Ctrl-C that arrives here while
+    blocked stays pending and is raised as soon as the block ends, so none is lost."""
     import signal
 
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def run_submitit(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, jobs: int, on_done: OnDone,
@@ -155,7 +156,7 @@ def run_submitit(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: st
         ex.update_parameters(name="quietgpt-study", timeout_min=24 * 60, slurm_array_parallelism=jobs,
                              gpus_per_node=1 if gpu else 0, cpus_per_task=8 if gpu else 4)
     n = len(todo)
-    with _sigint_ignored():  # local executor's processes, as in run_pool
+    with _sigint_blocked():  # local executor's processes, as in run_pool
         submitted = ex.map_array(execute_run, [spec] * n, [v for v, _ in todo], [s for _, s in todo],
                                  [study_dir] * n)
     try:
