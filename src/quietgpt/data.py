@@ -246,6 +246,22 @@ def _source_identity(cfg: DataConfig) -> tuple[str, str, str]:
     return "path", "", ""
 
 
+def _synthetic_split(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The synthetic corpus as train and val ids (split at cfg.val_fraction of its tokens), and what
+    meta.json records about it (irreducible losses, statistics, seed)."""
+    ids = synthetic.generate(cfg.synthetic_tokens, cfg.synthetic_seed).astype(np.int64)
+    n_train = int(len(ids) * (1 - cfg.val_fraction))
+    train_ids, val_ids = ids[:n_train], ids[n_train:]
+    st = synthetic.stats()
+    extra = {
+        "irreducible_loss": st["irreducible_loss"],
+        "irreducible_loss_window": {str(T): synthetic.window_floor(val_ids, T) for T in (64, 128, 256)},
+        "synthetic_stats": st,
+        "synthetic_seed": cfg.synthetic_seed,
+    }
+    return train_ids, val_ids, extra
+
+
 def prepare(cfg: DataConfig) -> Dataset:
     """Tokenise cfg.source once into <cache>/data/<key>/{train.bin, val.bin, meta.json}; reuse the folder
     when the source (by sha256), tokenizer and split are unchanged.
@@ -285,16 +301,7 @@ def prepare(cfg: DataConfig) -> Dataset:
     extra: dict = {}
     if kind == "synthetic":
         tok: Tokenizer = SyntheticTokenizer()
-        ids = synthetic.generate(cfg.synthetic_tokens, cfg.synthetic_seed).astype(np.int64)
-        n_train = int(len(ids) * (1 - cfg.val_fraction))
-        train_ids, val_ids = ids[:n_train], ids[n_train:]
-        st = synthetic.stats()
-        extra = {
-            "irreducible_loss": st["irreducible_loss"],
-            "irreducible_loss_window": {str(T): synthetic.window_floor(val_ids, T) for T in (64, 128, 256)},
-            "synthetic_stats": st,
-            "synthetic_seed": cfg.synthetic_seed,
-        }
+        train_ids, val_ids, extra = _synthetic_split(cfg)
     else:
         assert text is not None
         tok = get_tokenizer(tok_name, text)
