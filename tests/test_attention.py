@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from quietgpt import AttentionOptions, QuietAttention, attention, select_path
-from quietgpt.attention import _prefix_attention
+from quietgpt import kernels as K
 from quietgpt.errors import ConfigError
 
 A = importlib.import_module("quietgpt.attention")  # the module: the package exports a function of this name
@@ -136,7 +136,7 @@ def test_prefix_path_exact(variant):
     ln = {"softmax1": torch.tensor(0.0), "softmax_n": torch.tensor(math.log(2.5))}.get(variant)
     if variant == "sink":
         ln = kw["sink_logit"].reshape(-1, 1)
-    out = _prefix_attention(q, k, v, ln.double(), True, 1 / math.sqrt(16), 0.0)
+    out = K._prefix_attention(q, k, v, ln.double(), True, 1 / math.sqrt(16), 0.0)
     assert torch.allclose(out, naive_for(variant, q, k, v, kw), atol=1e-10)
 
 
@@ -222,27 +222,27 @@ def test_cuda_kernel_preference_is_honoured(cudnn_runs, monkeypatch):
     and flash under torch.compile; "flash" / "cudnn" pin one (a pinned kernel that cannot run leaves the
     null-key prefix path). Testable without CUDA: a meta-device q stands in for a CUDA tensor, and the
     kernels' support tests are pretended."""
-    monkeypatch.setattr(A._CudaFlash, "supports", staticmethod(lambda q: True))
-    monkeypatch.setattr(A._CudaCudnn, "supports", staticmethod(lambda q: cudnn_runs))
+    monkeypatch.setattr(K._CudaFlash, "supports", staticmethod(lambda q: True))
+    monkeypatch.setattr(K._CudaCudnn, "supports", staticmethod(lambda q: cudnn_runs))
     q = torch.empty(2, 3, 16, 64, device="meta", dtype=torch.bfloat16)
     cudnn = "lse-cudnn-cuda" if cudnn_runs else "prefix"
     want = {"auto": cudnn if cudnn_runs else "lse-flash-cuda", "flash": "lse-flash-cuda", "cudnn": cudnn}
     for preference, name in want.items():
         assert select_path("softmax1", "auto", q, cuda_kernel=preference) == name
-        kern = A.lse_kernel_for(q, preference)
+        kern = K.lse_kernel_for(q, preference)
         assert (kern.name if kern is not None else "prefix") == name
-    assert A.lse_kernel_for(make_qkv()[0], "cudnn") is A._CpuFlash  # the CPU has one kernel
+    assert K.lse_kernel_for(make_qkv()[0], "cudnn") is K._CpuFlash  # the CPU has one kernel
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert A.lse_kernel_for(q, "auto") is A._CudaFlash  # compiled cuDNN trained wrong (cuda_kernel_order)
+    assert K.lse_kernel_for(q, "auto") is K._CudaFlash  # compiled cuDNN trained wrong (cuda_kernel_order)
     assert select_path("softmax1", "auto", q, cuda_kernel="cudnn") == cudnn  # pinned, it is used compiled too
-    assert A.cuda_kernel_order("auto", compiling=True) == (A._CudaFlash,)
-    assert A.cuda_kernel_order("auto", compiling=False) == (A._CudaCudnn, A._CudaFlash)
+    assert K.cuda_kernel_order("auto", compiling=True) == (K._CudaFlash,)
+    assert K.cuda_kernel_order("auto", compiling=False) == (K._CudaCudnn, K._CudaFlash)
 
 
 def test_functional_attention_passes_the_kernel_preference(monkeypatch):
     """attention(..., cuda_kernel=) reaches the kernel choice (no module state in between)."""
     seen = []
-    monkeypatch.setattr(A, "lse_kernel_for", lambda q, preference: seen.append(preference))  # None: prefix
+    monkeypatch.setattr(K, "lse_kernel_for", lambda q, preference: seen.append(preference))  # None: prefix
     q, k, v = make_qkv()
     out = attention(q, k, v, "softmax1", cuda_kernel="cudnn")
     assert seen == ["cudnn"]
@@ -257,7 +257,7 @@ def test_cuda_lse_kernels_return_the_natural_log_sum_exp(kernel, dtype):
     computation on the same half-precision inputs: the identity the fast path rests on."""
     B, H, T, D = 2, 3, 257, 64
     q, k, v = [t.detach().to("cuda", dtype) for t in make_qkv(B, H, T, D)]
-    kern = A.lse_kernel_for(q, kernel)
+    kern = K.lse_kernel_for(q, kernel)
     assert kern is not None and kern.name == f"lse-{kernel}-cuda"
     scale = D ** -0.5
     out, lse, _ = kern.forward(q, k, v, True, scale)

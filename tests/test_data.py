@@ -15,6 +15,7 @@ import torch
 
 from quietgpt import data as D
 from quietgpt import synthetic
+from quietgpt import tokenizers as TK
 from quietgpt.cli import main
 from quietgpt.config import DataConfig
 from quietgpt.errors import ConfigError, QuietError
@@ -44,7 +45,7 @@ def cfg(source, tmp_path, **kw) -> DataConfig:
 
 
 def test_char_tokenizer_vocab_and_round_trip():
-    tok = D.CharTokenizer.from_text(TEXT)
+    tok = TK.CharTokenizer.from_text(TEXT)
     hand = sorted({c for c in TEXT})
     assert tok.chars == hand and tok.vocab_size == len(hand)
     ids = tok.encode(TEXT)
@@ -56,7 +57,7 @@ def test_char_tokenizer_vocab_and_round_trip():
 
 
 def test_byte_tokenizer_matches_utf8_bytes():
-    tok = D.ByteTokenizer()
+    tok = TK.ByteTokenizer()
     assert tok.encode(TEXT) == list(TEXT.encode())
     assert tok.decode(tok.encode(TEXT)) == TEXT
     assert tok.vocab_size == 256
@@ -65,9 +66,9 @@ def test_byte_tokenizer_matches_utf8_bytes():
 @pytest.mark.parametrize("name", ["char", "byte", "synthetic"])
 def test_tokenizer_from_meta_rebuilds_the_same_tokenizer(name):
     text = "NEW SET k1 v2 f3 GET k1 v2" if name == "synthetic" else TEXT
-    tok = D.get_tokenizer(name, text)
+    tok = TK.get_tokenizer(name, text)
     meta = json.loads(json.dumps({"tokenizer": tok.to_meta()}))  # through JSON, as on disk
-    again = D.tokenizer_from_meta(meta)
+    again = TK.tokenizer_from_meta(meta)
     assert again.name == name and again.vocab_size == tok.vocab_size
     assert again.encode(text) == tok.encode(text)
 
@@ -80,14 +81,14 @@ def test_gpt2_tokenizer_offline_is_a_clean_error(monkeypatch):
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(QuietError) as e:
-        D.get_tokenizer("gpt2")
+        TK.get_tokenizer("gpt2")
     assert "gpt2" in one_line(e) and "data.tokenizer=char" in str(e.value)
 
 
 def test_gpt2_tokenizer_without_tiktoken_is_a_clean_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # import tiktoken -> ImportError
     with pytest.raises(QuietError) as e:
-        D.get_tokenizer("gpt2")
+        TK.get_tokenizer("gpt2")
     assert "pip install" in one_line(e)
 
 
@@ -99,7 +100,7 @@ def test_gpt2_tokenizer_round_trip_when_its_files_are_cached(monkeypatch):
 
     monkeypatch.setattr(tiktoken_load, "read_file", no_network)  # use tiktoken's cache or nothing
     try:
-        tok = D.get_tokenizer("gpt2")
+        tok = TK.get_tokenizer("gpt2")
     except QuietError:
         pytest.skip("tiktoken's gpt2 files are not cached here (no network)")
     ids = tok.encode("Hello world")
@@ -108,7 +109,7 @@ def test_gpt2_tokenizer_round_trip_when_its_files_are_cached(monkeypatch):
 
 def test_unknown_tokenizer_is_a_clean_error(tmp_path, txt):
     with pytest.raises(QuietError) as e:
-        D.get_tokenizer("wordpiece")
+        TK.get_tokenizer("wordpiece")
     assert "choose" in one_line(e)
     with pytest.raises(ConfigError):
         DataConfig(tokenizer="wordpiece")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from quietgpt import GPT, GPTConfig
+from quietgpt import kernels as K
 from quietgpt.errors import ConfigError
 
 A = importlib.import_module("quietgpt.attention")  # the module: the package exports a function of this name
@@ -229,8 +230,8 @@ def test_cuda_kernel_preference_travels_from_config_to_the_kernel_choice(kernel,
     """model.cuda_kernel becomes every block's AttentionOptions, reaches the kernel choice on each
     forward, and is recorded by to_dict (what config.json stores)."""
     seen = []
-    real = A.lse_kernel_for
-    monkeypatch.setattr(A, "lse_kernel_for", lambda q, preference: seen.append(preference) or real(q, preference))
+    real = K.lse_kernel_for
+    monkeypatch.setattr(K, "lse_kernel_for", lambda q, preference: seen.append(preference) or real(q, preference))
     model = GPT(tiny(attention="sink", cuda_kernel=kernel, path="fast"))
     assert [b.attn.core.opts for b in model.transformer.h] == [model.config.attention_options()] * 2
     assert model.config.attention_options().cuda_kernel == kernel
@@ -251,7 +252,7 @@ def test_compiles_to_one_graph_without_recompiling(variant, device):
     nor, on CUDA, at the LSE kernel's choice: backend flags, cuDNN version and compute capability are
     compile-time constants) and later calls reuse it (no guard on state the first call changed). On CUDA
     it runs under bf16 autocast, where the null-logit variants take an LSE kernel, and compiling with
-    cuda_kernel "auto" picks flash (attention.cuda_kernel_order says why not cuDNN). A counting backend
+    cuda_kernel "auto" picks flash (kernels.cuda_kernel_order says why not cuDNN). A counting backend
     that runs the captured graph eagerly keeps this fast."""
     torch._dynamo.reset()
     graphs = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from quietgpt import synthetic as S
-from quietgpt.data import SyntheticTokenizer
+from quietgpt.tokenizers import SyntheticTokenizer
 
 N = 200_000
 

@@ -161,7 +161,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load_model, read_config
-    from .data import tokenizer_from_meta
+    from .tokenizers import tokenizer_from_meta
 
     for name, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--num-samples", args.num_samples, 1),
                              ("--top-k", args.top_k, 1)):

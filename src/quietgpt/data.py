@@ -1,4 +1,7 @@
-"""Data: sources -> tokenizers -> cached train.bin / val.bin memmaps -> random token batches.
+"""Data: sources -> tokenizers (tokenizers.py) -> cached train.bin / val.bin memmaps -> random token batches.
+
+This module holds the sources, `prepare` (tokenise once, cache, reuse), `Dataset`, `check_length` and
+`get_batch`; the tokenizers themselves live in tokenizers.py.
 
 Like nanoGPT's prepare.py, a source is tokenised once into flat uint16 token files (uint32 when the
 vocabulary needs it) plus a meta.json; training then reads random contiguous windows from memmaps.
@@ -8,8 +11,8 @@ Sources (DataConfig.source):
     "shakespeare_char"  tiny Shakespeare (nanoGPT's char-rnn URL), downloaded once, checked by sha256
     PATH                a UTF-8 text file, or a folder of .txt files (sorted, concatenated)
     "hf:NAME[:CONFIG]"  a Hugging Face dataset's train split (needs the `datasets` package)
-Tokenizers: "char" (vocabulary = the sorted characters of the text), "byte" (256 UTF-8 bytes),
-"gpt2" (tiktoken BPE), and the synthetic task's own; "auto" = synthetic's own, else char.
+Tokenizers (DataConfig.tokenizer): "char" (vocabulary = the sorted characters of the text), "byte"
+(256 UTF-8 bytes), "gpt2" (tiktoken BPE), and the synthetic task's own; "auto" = synthetic's own, else char.
 
 Cache: <root>/data/<name>-<tokenizer>-<source sha256[:16]>-val<fraction>/ with root = DataConfig.cache_dir,
 else $QUIETGPT_CACHE, else $XDG_CACHE_HOME/quietgpt, else ~/.cache/quietgpt. Each file is written
@@ -35,163 +38,13 @@ from . import synthetic
 from .atomic import atomic_write, atomic_write_json
 from .config import DataConfig
 from .errors import QuietError
+from .tokenizers import TOKENIZERS, SyntheticTokenizer, Tokenizer, get_tokenizer, tokenizer_from_meta
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the cache layout or tokenisation changes
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-TOKENIZERS = ("auto", "char", "byte", "gpt2")
-
-
-# ----------------------------------------------------------------------------- tokenizers
-
-
-class Tokenizer:
-    """Text <-> token ids. Subclasses set `name` and `vocab_size`."""
-
-    name: str = ""
-    vocab_size: int = 0
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_array(text).tolist()
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """The ids of `text` as a 1-D integer array (what prepare uses: fast for large texts)."""
-        return np.asarray(self.encode(text), dtype=np.int64)
-
-    def decode(self, ids) -> str:
-        raise NotImplementedError
-
-    def to_meta(self) -> dict:
-        """Everything needed to rebuild this tokenizer (saved in meta.json and checkpoints)."""
-        return {"name": self.name, "vocab_size": self.vocab_size}
-
-
-class CharTokenizer(Tokenizer):
-    """One token per Unicode character; the vocabulary is the sorted set of the text's characters."""
-
-    name = "char"
-
-    def __init__(self, chars: list[str]):
-        self.chars = list(chars)
-        self.vocab_size = len(self.chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)  # sorted, for searchsorted
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls(sorted(set(text)))
-
-    def encode_array(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ids = np.searchsorted(self._codes, codes)
-        bad = (ids >= self.vocab_size) | (self._codes[np.minimum(ids, self.vocab_size - 1)] != codes)
-        if bad.any():
-            c = chr(int(codes[np.argmax(bad)]))
-            raise QuietError(f"character {c!r} is not in this dataset's vocabulary of {self.vocab_size} "
-                             "characters; use only characters that occur in the training text")
-        return ids.astype(np.int64)
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def to_meta(self) -> dict:
-        return {**super().to_meta(), "chars": self.chars}
-
-
-class ByteTokenizer(Tokenizer):
-    """The 256 byte values of the UTF-8 encoding; decoding replaces broken sequences with U+FFFD."""
-
-    name = "byte"
-    vocab_size = 256
-
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-
-class GPT2Tokenizer(Tokenizer):
-    """GPT-2 BPE through tiktoken (50257 tokens). Needs tiktoken and its cached gpt2 encoding files."""
-
-    name = "gpt2"
-
-    def __init__(self):
-        try:
-            import tiktoken
-        except ImportError:
-            raise QuietError("the gpt2 tokenizer needs tiktoken: pip install 'quietgpt[bpe]', "
-                             "or use --set data.tokenizer=char") from None
-        try:
-            self.enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken fetches its files over the network on first use
-            reason = " ".join(str(e).split())[:120] or type(e).__name__
-            raise QuietError(f"cannot load tiktoken's gpt2 encoding ({reason}); run once with internet access "
-                             "(files are cached in TIKTOKEN_CACHE_DIR) or use --set data.tokenizer=char") from None
-        self.vocab_size = self.enc.n_vocab
-
-    def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)
-
-    def decode(self, ids) -> str:
-        return self.enc.decode([int(i) for i in ids])
-
-
-class SyntheticTokenizer(Tokenizer):
-    """The synthetic task's words (NEW SET GET NONE k* v* f*), separated by whitespace in text."""
-
-    name = "synthetic"
-
-    def __init__(self, spec: synthetic.SyntheticSpec = synthetic.SPEC):
-        self.spec = spec
-        self.words = synthetic.vocabulary(spec)
-        self.vocab_size = len(self.words)
-        self.stoi = {w: i for i, w in enumerate(self.words)}
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self.stoi[w] for w in text.split()]
-        except KeyError as e:
-            raise QuietError(f"{e.args[0]!r} is not a word of the synthetic task; use NEW, SET, GET, NONE, "
-                             f"k0..k{self.spec.n_keys - 1}, v0..v{self.spec.n_values - 1}, "
-                             f"f0..f{self.spec.n_fillers - 1}") from None
-
-    def decode(self, ids) -> str:
-        return " ".join(self.words[int(i)] for i in ids)
-
-    def to_meta(self) -> dict:
-        return {**super().to_meta(), "spec": synthetic.describe(self.spec)}
-
-
-def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
-    """A tokenizer by name; "char" builds its vocabulary from `text`."""
-    if name == "char":
-        if text is None:
-            raise ValueError("the char tokenizer needs the text to build its vocabulary")
-        return CharTokenizer.from_text(text)
-    if name == "byte":
-        return ByteTokenizer()
-    if name == "gpt2":
-        return GPT2Tokenizer()
-    if name == "synthetic":
-        return SyntheticTokenizer()
-    raise QuietError(f"unknown tokenizer {name!r}; choose auto, char, byte or gpt2")
-
-
-def tokenizer_from_meta(meta: dict) -> Tokenizer:
-    """Rebuild a tokenizer from a meta.json dict (or its "tokenizer" entry)."""
-    tm = meta.get("tokenizer", meta)
-    if not isinstance(tm, dict) or "name" not in tm:
-        raise QuietError("dataset metadata has no tokenizer entry; delete the cache folder and prepare again")
-    name = tm["name"]
-    if name == "char":
-        return CharTokenizer(tm["chars"])
-    if name == "synthetic":
-        spec = {k: v for k, v in tm.get("spec", {}).items() if k != "generator_version"}
-        return SyntheticTokenizer(synthetic.SyntheticSpec(**spec))
-    return get_tokenizer(name)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -393,6 +246,22 @@ def _source_identity(cfg: DataConfig) -> tuple[str, str, str]:
     return "path", "", ""
 
 
+def _synthetic_split(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The synthetic corpus as train and val ids (split at cfg.val_fraction of its tokens), and what
+    meta.json records about it (irreducible losses, statistics, seed)."""
+    ids = synthetic.generate(cfg.synthetic_tokens, cfg.synthetic_seed).astype(np.int64)
+    n_train = int(len(ids) * (1 - cfg.val_fraction))
+    train_ids, val_ids = ids[:n_train], ids[n_train:]
+    st = synthetic.stats()
+    extra = {
+        "irreducible_loss": st["irreducible_loss"],
+        "irreducible_loss_window": {str(T): synthetic.window_floor(val_ids, T) for T in (64, 128, 256)},
+        "synthetic_stats": st,
+        "synthetic_seed": cfg.synthetic_seed,
+    }
+    return train_ids, val_ids, extra
+
+
 def prepare(cfg: DataConfig) -> Dataset:
     """Tokenise cfg.source once into <cache>/data/<key>/{train.bin, val.bin, meta.json}; reuse the folder
     when the source (by sha256), tokenizer and split are unchanged.
@@ -432,16 +301,7 @@ def prepare(cfg: DataConfig) -> Dataset:
     extra: dict = {}
     if kind == "synthetic":
         tok: Tokenizer = SyntheticTokenizer()
-        ids = synthetic.generate(cfg.synthetic_tokens, cfg.synthetic_seed).astype(np.int64)
-        n_train = int(len(ids) * (1 - cfg.val_fraction))
-        train_ids, val_ids = ids[:n_train], ids[n_train:]
-        st = synthetic.stats()
-        extra = {
-            "irreducible_loss": st["irreducible_loss"],
-            "irreducible_loss_window": {str(T): synthetic.window_floor(val_ids, T) for T in (64, 128, 256)},
-            "synthetic_stats": st,
-            "synthetic_seed": cfg.synthetic_seed,
-        }
+        train_ids, val_ids, extra = _synthetic_split(cfg)
     else:
         assert text is not None
         tok = get_tokenizer(tok_name, text)

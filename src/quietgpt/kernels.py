@@ -1,0 +1,259 @@
+"""Fused attention kernels that return their log-sum-exp, and the exact softmax_n paths built on them.
+
+The null-logit variants (softmax1, softmax_n, sink) rest on one identity:
+
+    softmax_n(S) V = softmax(S) V * sigmoid(LSE - log n),   LSE = logsumexp of the row's scores,
+
+so a fused softmax-attention kernel that also returns LSE gives their output without ever forming the
+T x T scores. Two exact paths follow (`null_path` picks one, `null_attention` runs it):
+
+* "lse-flash-cpu" / "lse-cudnn-cuda" / "lse-flash-cuda": a fused kernel that returns its LSE (flash on
+  CPU; cuDNN or flash on CUDA, see `cuda_kernel_order`) gives the forward. Its backward, handed the
+  adjusted LSE' = logaddexp(LSE, log n) and the adjusted output, recomputes exactly the softmax_n
+  probabilities exp(S - LSE') and so gives exact gradients (softmax_n's Jacobian has softmax's form,
+  P (dP - rowsum(P dP)), because n is a constant). The learned sink's gradient is added on top:
+      dL/db = -sum_rows p_null * rowsum(dO * O'),   p_null = exp(b - LSE').
+* "prefix": when no LSE kernel fits (dropout > 0, or a device/dtype without one), SDPA over the keys
+  with one null key prepended whose logit is exactly log n and whose value is 0. It is exact, supports
+  dropout, and still never forms B x H x T x T scores (only a T x (T+1) boolean mask).
+
+A kernel is a class with `name`, `supports(q)`, `forward(q, k, v, is_causal, scale) -> (out, lse (B,H,T)
+fp32, aux)` and `backward(grad, q, k, v, out, lse, aux, is_causal, scale) -> (dq, dk, dv)`. Imports flow
+softmax <- kernels <- attention: this module knows nothing of variants or options.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+CUDA_KERNELS = ("auto", "flash", "cudnn")  # the CUDA LSE kernel preference; see lse_kernel_for
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused kernels that return the row log-sum-exp.
+
+
+class _CpuFlash:
+    name = "lse-flash-cpu"
+
+    @staticmethod
+    def supports(q: Tensor) -> bool:
+        return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+    @staticmethod
+    def forward(q, k, v, is_causal, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, scale=scale
+        )
+        return out, lse, ()
+
+    @staticmethod
+    def backward(g, q, k, v, out, lse, aux, is_causal, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k, v, out, lse, 0.0, is_causal, scale=scale
+        )
+
+
+def _cuda_half(q: Tensor, max_head_dim: int) -> bool:
+    """q is a CUDA fp16/bf16 tensor whose head dim (a multiple of 8, at most max_head_dim) the fused
+    CUDA kernels take."""
+    return (
+        q.device.type == "cuda"
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= max_head_dim
+    )
+
+
+@torch.compiler.assume_constant_result
+def _flash_ready() -> bool:
+    """SDPA's flash backend enabled (evaluated once while compiling: a traced call would break the graph)."""
+    return torch.backends.cuda.flash_sdp_enabled()
+
+
+class _CudaFlash:
+    # Flash attention on CUDA: half precision only, head dim a multiple of 8 up to 256.
+    name = "lse-flash-cuda"
+
+    @staticmethod
+    def supports(q: Tensor) -> bool:
+        return _cuda_half(q, 256) and _flash_ready()
+
+    @staticmethod
+    def forward(q, k, v, is_causal, scale):
+        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, is_causal, False, scale=scale
+        )
+        return out, lse, (cq, ck, mq, mk, seed, offset)
+
+    @staticmethod
+    def backward(g, q, k, v, out, lse, aux, is_causal, scale):
+        cq, ck, mq, mk, seed, offset = aux
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            g, q, k, v, out, lse, cq, ck, mq, mk, 0.0, is_causal, seed, offset, scale=scale
+        )
+
+
+@functools.cache
+def _cudnn_capable(index: int) -> bool:
+    """This torch's cuDNN attention op returns an LSE (its signature has compute_log_sumexp: torch >= 2.5),
+    cuDNN is 9 or newer and device `index` has compute capability 8.0 or more."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+    names = {a.name for a in op.default._schema.arguments} if op is not None else set()
+    return (
+        "compute_log_sumexp" in names
+        and (torch.backends.cudnn.version() or 0) >= 90000
+        and torch.cuda.get_device_capability(index)[0] >= 8
+    )
+
+
+@torch.compiler.assume_constant_result
+def _cudnn_ready(index: int) -> bool:
+    """cuDNN attention usable on CUDA device `index` (evaluated once while compiling, not traced)."""
+    return torch.backends.cuda.cudnn_sdp_enabled() and _cudnn_capable(index)
+
+
+class _CudaCudnn:
+    # cuDNN's fused attention (cuDNN >= 9, compute capability >= 8.0, half precision, head dim <= 128).
+    # On Hopper it is what SDPA itself picks, and much faster than the flash-attention-2 kernel above.
+    name = "lse-cudnn-cuda"
+
+    @staticmethod
+    def supports(q: Tensor) -> bool:
+        return _cuda_half(q, 128) and _cudnn_ready(q.device.index if q.device.index is not None else 0)
+
+    @staticmethod
+    def forward(q, k, v, is_causal, scale):
+        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, is_causal, False, scale=scale
+        )
+        return out, lse.reshape(lse.shape[:3]), (cq, ck, mq, mk, seed, offset, lse.shape)
+
+    @staticmethod
+    def backward(g, q, k, v, out, lse, aux, is_causal, scale):
+        cq, ck, mq, mk, seed, offset, lse_shape = aux
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            g, q, k, v, out, lse.reshape(lse_shape), seed, offset, None, cq, ck, mq, mk, 0.0, is_causal,
+            scale=scale
+        )
+
+
+_KERNEL_NAMED = {k.name: k for k in (_CpuFlash, _CudaFlash, _CudaCudnn)}
+
+
+def cuda_kernel_order(preference: str, compiling: bool) -> tuple:
+    """The CUDA LSE kernels to try, best first, for AttentionOptions.cuda_kernel `preference`.
+
+    "flash" / "cudnn" pin one kernel. "auto" is cuDNN where it runs (on Hopper it is what SDPA itself
+    picks, ~1.6x faster than flash-attention-2), else flash; but under torch.compile always flash. Inside
+    a compiled graph the cuDNN op trained wrong (losses 0.14 off eager after 8 steps, torch 2.11 on an
+    H200; eager cuDNN and compiled flash both match float32), so compiling never uses it unless asked.
+    """
+    if preference == "auto" and compiling:
+        preference = "flash"
+    return {"auto": (_CudaCudnn, _CudaFlash), "flash": (_CudaFlash,), "cudnn": (_CudaCudnn,)}[preference]
+
+
+def lse_kernel_for(q: Tensor, preference: str = "auto"):
+    """The fused LSE kernel that can run `q`'s device and dtype, or None. `preference` (an
+    AttentionOptions.cuda_kernel) picks among the CUDA kernels; the CPU has one."""
+    if q.device.type == "cpu":
+        return _CpuFlash if _CpuFlash.supports(q) else None
+    for kern in cuda_kernel_order(preference, torch.compiler.is_compiling()):
+        if kern.supports(q):
+            return kern
+    return None
+
+
+class _NullLSEAttention(torch.autograd.Function):
+    """softmax_n attention from a fused kernel's output and LSE; exact forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_n, is_causal, scale, kern):
+        out, lse, aux = kern.forward(q, k, v, is_causal, scale)
+        ln = log_n.to(lse.dtype)
+        lse_adj = torch.logaddexp(lse, ln)
+        keep = torch.exp(lse - lse_adj)  # = sigmoid(LSE - log n) = mass kept on real tokens
+        out_adj = out * keep.unsqueeze(-1).to(out.dtype)
+        ctx.save_for_backward(q, k, v, out_adj, lse_adj, ln)
+        ctx.aux, ctx.is_causal, ctx.scale, ctx.kern = aux, is_causal, scale, kern
+        ctx.log_n_shape = log_n.shape
+        return out_adj
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out_adj, lse_adj, ln = ctx.saved_tensors
+        if g.stride(-1) != 1:  # the kernels take any layout with a unit last stride (the model's is (B,T,H,D))
+            g = g.contiguous()
+        dq, dk, dv = ctx.kern.backward(g, q, k, v, out_adj, lse_adj, ctx.aux, ctx.is_causal, ctx.scale)
+        d_log_n = None
+        if ctx.needs_input_grad[3]:
+            p_null = torch.exp(ln - lse_adj)
+            row = (g.float() * out_adj.float()).sum(-1)
+            d_log_n = (-(p_null * row)).sum_to_size(ctx.log_n_shape)
+        return dq, dk, dv, d_log_n, None, None, None
+
+
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(value: float, like: Tensor) -> Tensor:
+    """A cached 0-d tensor holding a fixed null logit (fp64 for fp64 inputs, else fp32) on like's device:
+    building one per call costs more than the few-element math it feeds at small sizes."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if torch.compiler.is_compiling():  # a graph constant costs nothing, and the cache would guard recompiles
+        return torch.tensor(value, dtype=dtype, device=like.device)
+    key = (value, like.device, dtype)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=like.device)
+    return t
+
+
+def _prefix_attention(q, k, v, log_n: Tensor, is_causal: bool, scale: float, dropout_p: float) -> Tensor:
+    """SDPA over [null key; keys] where the null key's logit is exactly log_n and its value is 0.
+
+    The null logit rides on an extra head dimension: q gets a constant 1, real keys a 0 and the null
+    key log_n / scale, so scale * q.k_null = log_n. Padding to a multiple of 8 keeps fused kernels usable.
+    """
+    B, H, T, D = q.shape
+    Tk = k.shape[2]
+    pad = 8
+    ln = (log_n.to(q.dtype) / scale).expand(B, H, 1).unsqueeze(-1)  # (B, H, 1, 1)
+    q_aug = torch.cat([q, q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, pad - 1)], dim=-1)
+    k_null = torch.cat([k.new_zeros(B, H, 1, D), ln, k.new_zeros(B, H, 1, pad - 1)], dim=-1)
+    k_aug = torch.cat([k_null, torch.cat([k, k.new_zeros(B, H, Tk, pad)], dim=-1)], dim=2)
+    v_aug = torch.cat([v.new_zeros(B, H, 1, v.shape[-1]), v], dim=2)
+    mask = None
+    if is_causal:
+        mask = torch.ones(T, Tk + 1, dtype=torch.bool, device=q.device).tril(diagonal=1)
+        mask[:, 0] = True
+    return F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# The exact softmax_n paths: which one runs, and running it.
+
+
+def null_path(q: Tensor, dropout_p: float, cuda_kernel: str = "auto") -> str:
+    """The softmax_n path for `q`: the name of the LSE kernel that runs its device and dtype (preference
+    `cuda_kernel`), or "prefix" when there is none or dropout is on."""
+    kern = lse_kernel_for(q, cuda_kernel)
+    if kern is not None and dropout_p == 0.0:
+        return kern.name
+    return "prefix"
+
+
+def null_attention(path: str, q: Tensor, k: Tensor, v: Tensor, log_n: Tensor | float, is_causal: bool,
+                   scale: float, dropout_p: float) -> Tensor:
+    """softmax_n attention with null logit `log_n` (a float, or (H, 1) per head) on `path`, a name
+    `null_path` returned: no second round of support checks."""
+    ln = log_n if isinstance(log_n, Tensor) else _constant(log_n, q)
+    if path == "prefix":
+        return _prefix_attention(q, k, v, ln, is_causal, scale, dropout_p)
+    return _NullLSEAttention.apply(q, k, v, ln, is_causal, scale, _KERNEL_NAMED[path])
