@@ -1,6 +1,7 @@
 """quietgpt: does softmax1 ("quiet attention") remove the outliers that make transformers hard to quantize?
 
-Import flow is one way: softmax <- attention <- model <- training / metrics / quant <- study / report <- cli.
+Import flow is one way: softmax <- kernels <- attention <- model <- training / measurement / quant <- study /
+report <- cli (docs/architecture.md has one paragraph per module).
 """
 
 from .attention import VARIANTS, AttentionOptions, QuietAttention, attention, reference_attention, select_path

@@ -198,7 +198,7 @@ def evaluate_checkpoint(ckpt_dir: str | Path, *, data: str | None = None, quant:
 
 
 def _eval_advice(msg: str, *, hf: bool) -> str:
-    """data.py's advice for train/prepare names `--set data.tokenizer=X`; `eval` has no --set: with --hf it
+    """tokenizers.py's advice for train/prepare names `--set data.tokenizer=X`; `eval` has no --set: with --hf it
     takes --tokenizer X, and a checkpoint must be read with its own tokenizer."""
     if hf:
         return re.sub(r"--set data\.tokenizer=(\w+)", r"--tokenizer \1", msg)

@@ -28,7 +28,7 @@ of the loss: answers are 6% of tokens, worth ~0.13 nats/token between no recall 
 
 Vocabulary (52 tokens; ids in this order): NEW=0, SET=1, GET=2, NONE=3, keys k0..k15 (4..19),
 values v0..v15 (20..35), fillers f0..f15 (36..51). As text, tokens are these names separated by
-spaces (`SyntheticTokenizer` in data.py encodes/decodes that text).
+spaces (`SyntheticTokenizer` in tokenizers.py encodes/decodes that text).
 
 Irreducible loss. Every token but two kinds is an independent draw whose probability does not depend
 on the past: a statement's first token (type + filler identity), the key after SET, the value after
