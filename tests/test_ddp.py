@@ -36,7 +36,10 @@ def _text() -> str:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_cpu_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("rank_accum", [2, 1])
+def test_two_cpu_ranks_match_one_process(tmp_path, rank_accum):
+    """rank_accum 1: the presets' accumulation under `torchrun --nproc_per_node 2` is split automatically
+    (rounded up to 2, one micro-batch per rank), so it computes the 1-process run with accumulation 2."""
     if shutil.which("torchrun") is None and not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     corpus = tmp_path / "corpus.txt"
@@ -58,11 +61,14 @@ def test_two_cpu_ranks_match_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "quietgpt",
            "train", "--preset", "default", "--data", str(corpus), "--max-iters", "4", "--seed", "3", "--device", "cpu",
            "--out", str(two)]
-    for k, v in sets.items():
+    for k, v in {**sets, "train.gradient_accumulation_steps": rank_accum}.items():
         cmd += ["--set", f"{k}={v}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    split_note = "train.gradient_accumulation_steps 1 -> 2"
+    assert (split_note in proc.stderr) == (rank_accum == 1), proc.stderr[-2000:]
+    assert json.loads((two / "config.json").read_text())["train"]["gradient_accumulation_steps"] == 2
 
     def rows(run: Path) -> list[dict]:
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -7,13 +7,14 @@ published files that a crash left one checkpoint behind: checkpoint.republish).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint as ckpt
-from ..config import RunConfig, TrainConfig
+from ..config import RunConfig, TrainConfig, apply_overrides
 from ..data import Dataset
 from ..device import amp_context
 from ..errors import QuietError
@@ -49,16 +50,31 @@ class TrainRun:
         return tc.batch_size * self.cfg.model.block_size * tc.gradient_accumulation_steps
 
 
+def split_accumulation(cfg: RunConfig, d: Dist) -> RunConfig:
+    """Each of d.world processes takes an equal share of a step's gradient_accumulation_steps micro-batches
+    (the global count, as in nanoGPT, which divides it by the world size). When the count is not a
+    multiple of the world size (the presets' 1 under `torchrun --nproc_per_node 2`), round it up to the
+    next multiple, so every rank keeps train.batch_size per micro-batch; rank 0 says so, and config.json
+    records the count that ran (a 1-process resume of it computes the same global batch)."""
+    accum, world = cfg.train.gradient_accumulation_steps, d.world
+    if accum % world == 0:
+        return cfg
+    split = -(-accum // world) * world
+    if d.master:
+        print(f"quietgpt train: train.gradient_accumulation_steps {accum} -> {split} so that each of the {world} "
+              f"processes takes {split // world} micro-batch(es) per step; the global batch is now "
+              f"{split} x {cfg.train.batch_size} sequences (set it to a multiple of {world} to choose another)",
+              file=sys.stderr, flush=True)
+    return apply_overrides(cfg, {"train.gradient_accumulation_steps": split})
+
+
 def setup_run(cfg: RunConfig, device: torch.device, d: Dist, *, resume: bool) -> TrainRun:
     """Check cfg against the run folder, prepare the data, build the model and its step parts, and, with
     resume, continue them from train_state.pt (weights, optimizer, GradScaler, RNG streams, TrainState).
     Raises a one-line QuietError on anything that does not fit, before any file is written."""
+    cfg = split_accumulation(cfg, d)
     tc = cfg.train
     out = Path(tc.out_dir)
-    if tc.gradient_accumulation_steps % d.world:
-        raise QuietError(f"train.gradient_accumulation_steps ({tc.gradient_accumulation_steps}) must be a "
-                         f"multiple of the number of processes ({d.world}); the global batch is "
-                         "batch_size x gradient_accumulation_steps")
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     # Check the resume point (or that we are not about to overwrite one) before any work.
