@@ -21,7 +21,6 @@ shows a lower MFU.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from quietgpt.atomic import atomic_write_json
 from quietgpt.config import TrainConfig, apply_overrides, load_config
 from quietgpt.device import allow_tf32, amp_context
 from quietgpt.errors import QuietError
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{row['mfu'] * 100:5.1f}%" if row["mfu"] is not None else "  n/a"
         ratio = f"x{row['ratio_to_softmax']:.3f}" if row["ratio_to_softmax"] else ""
         print(f"{c.name:>20s}: {s * 1e3:8.2f} ms/iter  {tok_s:10.0f} tok/s  MFU {mfu}  {ratio}", flush=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out, result)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
