@@ -99,6 +99,16 @@ CLI_ROWS: dict[str, tuple[str, list[str]]] = {
     "no-section-unknown": ("config key without a section that no section has", ["train", *S("n_layr=2")]),
     "set-hidden-by-flag": ("bad --set value that a flag replaces", ["train", "--max-iters", "5",
                                                                    *S("train.max_iters=abc")]),
+    "export-missing": ("export of a checkpoint folder that does not exist",
+                       ["export", "--checkpoint", "{w}/missing", "--hf", "{w}/exported"]),
+    "export-out-not-empty": ("export into a folder that is not empty, without --force",
+                             ["export", "--checkpoint", "{w}/run", "--hf", "{w}/study"]),
+    "export-force-not-model": ("export --force into a folder that holds no model",
+                               ["export", "--checkpoint", "{w}/run", "--hf", "{w}/study", "--force"]),
+    "export-into-checkpoint": ("export --force over the checkpoint itself",
+                               ["export", "--checkpoint", "{w}/run", "--hf", "{w}/run", "--force"]),
+    "export-unknown-dtype": ("export with an unknown --dtype",
+                             ["export", "--checkpoint", "{w}/run", "--hf", "{w}/exported", "--dtype", "int8"]),
     **{f"eval-hf-{name}": (what, ["eval", "--hf", f"{{w}}/hf-{name}", "--data", "{w}/other.txt", "--tokenizer", "byte",
                                   "--cache-dir", "{w}/cache", "--json", "{w}/e.json"])
        for name, what in {

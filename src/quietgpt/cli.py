@@ -226,6 +226,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a checkpoint as a Hugging Face model folder (quietgpt.hf_export) and say how to load it."""
+    from .hf_export import export_checkpoint
+
+    s = export_checkpoint(args.checkpoint, args.hf, force=args.force, dtype=args.dtype)
+    how = "" if s["kind"] == "gpt2" else ", trust_remote_code=True"  # softmax: a plain GPT2LMHeadModel
+    print(f"exported the {s['attention']} model (iter {s['iter']}, {s['dtype']}) to {s['out']}; load it with "
+          f"AutoModelForCausalLM.from_pretrained({s['out']!r}{how})")
+    print(f"max |logit difference| from the checkpoint: {s['max_logit_diff']:.2g} (float32)")
+    print(s["tokenizer"])
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     """Train every (variant, seed), measure, compare, write results.json/csv and the report."""
     from .config import parse_assignments
@@ -320,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="picks the statistics windows and calibration batches")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(fn=cmd_eval)
+
+    p = verb("export", help="write a checkpoint as a Hugging Face model folder (softmax: a plain GPT-2)")
+    p.add_argument("--checkpoint", required=True, help="a training output folder (or its best/)")
+    p.add_argument("--hf", required=True, metavar="OUT", help="the folder to write (absent or empty)")
+    p.add_argument("--force", action="store_true", help="replace the model already in OUT")
+    p.add_argument("--dtype", default="float32", help="weights' dtype: float32, bfloat16 or float16")
+    p.set_defaults(fn=cmd_export)
 
     p = verb("study", help="train variants over seeds, measure them, and write a report")
     p.add_argument("--preset", default="default",

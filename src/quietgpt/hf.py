@@ -19,7 +19,7 @@ Accepted as they are: `reorder_and_upcast_attn` (it only reorders the scaling an
 float32, which in float32 is the same computation), `tie_word_embeddings=False` when lm_head equals wte,
 dropout rates (evaluation runs without dropout), `n_positions` (the block size) and `vocab_size`.
 
-Export of quietgpt models to Hugging Face will live here too. Import flow: model <- hf <- metrics, cli.
+Export (quietgpt -> Hugging Face, every variant) is quietgpt.hf_export. Import flow: model <- hf <- metrics, cli.
 """
 
 from __future__ import annotations
