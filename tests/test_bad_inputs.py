@@ -43,6 +43,8 @@ CLI_ROWS: dict[str, tuple[str, list[str]]] = {
     "bad-toml": ("config file that is not valid TOML", ["train", "--preset", "{w}/bad.toml"]),
     "unknown-section": ("TOML with an unknown table", ["train", "--preset", "{w}/section.toml"]),
     "unknown-key": ("misspelt config key", ["train", *S("model.n_layr=2")]),
+    "optimizer-unknown": ("unknown optimizer", ["train", *S("train.optimizer=sgd")]),
+    "optimizer-option": ("an option of another optimizer", ["train", *S("train.muon_lr=0.01")]),
     "no-section": ("config key without a section", ["train", *S("n_layer=2")]),
     "bad-assignment": ("--set without '='", ["train", *S("model.n_layer")]),
     "wrong-type": ("value of the wrong type", ["train", *S("model.n_layer=two")]),

@@ -46,6 +46,9 @@ class DataConfig:
             raise ConfigError(f"data.synthetic_tokens must be >= 10000, got {self.synthetic_tokens!r}")
 
 
+OPTIMIZERS = ("adamw", "muon", "orthoadam")  # built by training/optim.py
+
+
 @dataclass
 class TrainConfig:
     out_dir: str = "out"
@@ -76,6 +79,10 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "quietgpt"
+    optimizer: str = "adamw"  # adamw | muon | orthoadam (training/optim.py)
+    muon_lr: float = 0.02  # muon: the hidden matrices' peak rate (Keller Jordan's); the rest uses learning_rate
+    muon_momentum: float = 0.95  # muon: Nesterov momentum
+    orthoadam_max_dim: int = 4096  # orthoadam: tensor axes up to this size get a random orthogonal basis
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
@@ -101,8 +108,23 @@ class TrainConfig:
             raise ConfigError("train.grad_clip and train.weight_decay must be >= 0 (grad_clip 0 disables clipping)")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise ConfigError(f"train.beta1/beta2 must be in [0, 1), got {self.beta1!r}, {self.beta2!r}")
+        self._check_optimizer()
         if not self.out_dir.strip():
             raise ConfigError("train.out_dir is empty; pass --out DIR")
+
+
+    def _check_optimizer(self) -> None:
+        """A known optimizer, and no option of another one changed from its default (it would be ignored)."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        owners = {"muon_lr": "muon", "muon_momentum": "muon", "orthoadam_max_dim": "orthoadam"}
+        for key, owner in owners.items():
+            if getattr(self, key) != getattr(TrainConfig, key) and self.optimizer != owner:
+                raise ConfigError(f"train.{key} is an option of train.optimizer={owner}, but the optimizer is "
+                                  f"{self.optimizer}; set train.optimizer={owner} or leave train.{key} out")
+        if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.orthoadam_max_dim < 0:
+            raise ConfigError("train.muon_lr must be > 0, train.muon_momentum in [0, 1) and "
+                              "train.orthoadam_max_dim >= 0")
 
 
 @dataclass

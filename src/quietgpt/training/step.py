@@ -23,6 +23,7 @@ from ..device import amp_context
 from ..errors import QuietError
 from ..model import GPT
 from .distributed import Dist, all_max, all_mean
+from .optim import build_optimizer
 
 __all__ = ["NonFiniteError", "NonFiniteGuard", "StepParts", "StepResult", "build_step_parts", "check_every_step",
            "train_step"]
@@ -121,11 +122,12 @@ class StepParts:
 
 def build_step_parts(model: GPT, tc: TrainConfig, device: torch.device, d: Dist | None = None, *,
                      amp: tuple[torch.dtype, contextlib.AbstractContextManager] | None = None) -> StepParts:
-    """StepParts for `model` (already on `device`) as tc trains it: nanoGPT's AdamW (fused where available,
-    decay/no-decay groups), autocast per tc.dtype (`amp`: amp_context's result when already made), a
-    GradScaler for float16, torch.compile when tc.compile, DDP when `d` has several ranks."""
+    """StepParts for `model` (already on `device`) as tc trains it: the optimizer tc.optimizer names
+    (optim.py; AdamW: nanoGPT's, fused where available, decay/no-decay groups), autocast per tc.dtype
+    (`amp`: amp_context's result when already made), a GradScaler for float16, torch.compile when
+    tc.compile, DDP when `d` has several ranks."""
     amp_dtype, amp_ctx = amp if amp is not None else amp_context(tc.dtype, device)
-    optimizer = model.configure_optimizers(tc.weight_decay, tc.learning_rate, (tc.beta1, tc.beta2), device.type)
+    optimizer = build_optimizer(model, tc, device.type)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     run_model: torch.nn.Module = torch.compile(model) if tc.compile else model
     ddp = d is not None and d.enabled
@@ -157,8 +159,8 @@ def train_step(parts: StepParts, batches: Sequence[tuple[torch.Tensor, torch.Ten
     optimizer.step() (through the GradScaler for fp16) and zeroed gradients. guard judges the step first
     (`it` names it in errors): NonFiniteError, or a skipped step that leaves the weights unchanged."""
     model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group in optimizer.param_groups:  # a group's lr_scale: Muon's rate moves with the schedule
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
     accum = len(batches)
     loss_sum = torch.zeros((), device=parts.device)
     for k, (x, y) in enumerate(batches):

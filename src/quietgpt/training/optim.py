@@ -1,0 +1,157 @@
+"""The optimizer as a variable: `train.optimizer` = adamw | muon | orthoadam.
+
+Kaul et al. (ICLR 2025, "From Attention to Activation") trace outlier activations to Adam's
+per-coordinate scaling and remove them with OrthoAdam; Park et al. 2025 ("Outlier-Safe Pre-Training")
+remove them with Muon. So the optimizer is a study axis like the attention variant:
+
+* adamw      nanoGPT's fused AdamW with decay/no-decay groups (the default, unchanged).
+* muon       PyTorch's own `torch.optim.Muon` (Newton-Schulz orthogonalised momentum) for the 2-D
+             matrices inside the blocks, at `train.muon_lr` with Keller Jordan's shape scaling
+             (adjust_lr_fn "original"), momentum `train.muon_momentum`, Nesterov; AdamW (the groups
+             above) for embeddings, the tied head, LayerNorms, biases and sink logits, as Muon's
+             authors and modded-nanogpt do.
+* orthoadam  Adam whose moments live in a fixed random orthogonal basis per parameter (Kaul et al.):
+             gradients are rotated in, the Adam direction is rotated back. Each tensor axis of size
+             <= `train.orthoadam_max_dim` gets its own Haar-random orthogonal matrix (the basis of the
+             flattened tensor is their Kronecker product, which is orthogonal and stores only small
+             matrices); larger axes (a GPT-2 vocabulary) stay unrotated. With every Q = I it is AdamW
+             exactly (a test).
+
+The learning-rate schedule scales every group: a group's `lr_scale` (Muon's muon_lr / learning_rate)
+multiplies the scheduled rate (training/step.py), so warmup and decay apply to both optimizers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ..config import OPTIMIZERS, TrainConfig
+
+__all__ = ["OPTIMIZERS", "Chained", "OrthoAdam", "build_optimizer", "haar_orthogonal", "rotate"]
+
+
+def build_optimizer(model, tc: TrainConfig, device_type: str) -> torch.optim.Optimizer | Chained:
+    """The optimizer tc.optimizer names, over `model` (a quietgpt GPT) at tc.learning_rate."""
+    betas = (tc.beta1, tc.beta2)
+    if tc.optimizer == "adamw":
+        return model.configure_optimizers(tc.weight_decay, tc.learning_rate, betas, device_type)
+    if tc.optimizer == "orthoadam":
+        return OrthoAdam(model.param_groups(tc.weight_decay), lr=tc.learning_rate, betas=betas,
+                         max_rotate_dim=tc.orthoadam_max_dim, seed=tc.seed)
+    hidden = {id(p) for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2
+              and n.startswith("transformer.h.")}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]}
+            for g in model.param_groups(tc.weight_decay)]
+    muon = torch.optim.Muon([p for p in model.parameters() if id(p) in hidden], lr=tc.muon_lr,
+                            weight_decay=tc.weight_decay, momentum=tc.muon_momentum, nesterov=True,
+                            adjust_lr_fn="original")
+    for g in muon.param_groups:
+        g["lr_scale"] = tc.muon_lr / tc.learning_rate  # the schedule moves Muon's rate in proportion
+    adamw = torch.optim.AdamW([g for g in rest if g["params"]], lr=tc.learning_rate, betas=betas)
+    return Chained([muon, adamw])
+
+
+class Chained:
+    """Several optimizers stepped as one (Muon for the hidden matrices, AdamW for the rest): their param
+    groups are this one's (the schedule sets each group's lr), state_dict() holds each one's. It has
+    what train_step and torch.amp.GradScaler use of an optimizer: param_groups, step, zero_grad."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"chained": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        states = state_dict.get("chained")
+        if not isinstance(states, list) or len(states) != len(self.optimizers):
+            raise ValueError("the saved optimizer state is not this optimizer's (another train.optimizer?)")
+        for o, s in zip(self.optimizers, states, strict=True):
+            o.load_state_dict(s)
+
+
+def haar_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An n x n Haar-distributed random orthogonal matrix (QR of a float64 Gaussian, signs fixed)."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).to(dtype)
+
+
+def rotate(x: torch.Tensor, qs: Sequence[torch.Tensor | None], transpose: bool = False) -> torch.Tensor:
+    """Apply Q_i (or Q_i^T) along each axis i of x with a matrix; None axes are left as they are. On the
+    flattened (row-major) tensor this is the Kronecker product of the Q_i, an orthogonal map."""
+    for i, q in enumerate(qs):
+        if q is not None:
+            moved = x.movedim(i, 0)
+            flat = (q.t() if transpose else q) @ moved.reshape(moved.shape[0], -1)
+            x = flat.reshape(moved.shape).movedim(0, i)
+    return x
+
+
+class OrthoAdam(torch.optim.Optimizer):
+    """AdamW with its moments in a fixed random orthogonal basis per parameter (Kaul et al. 2025).
+
+    Per step, for a parameter p with gradient g and basis Q (see `rotate`): g' = Q g; Adam's moments and
+    bias-corrected direction u' are computed on g' exactly as torch.optim.AdamW computes them; the update
+    is Q^T u'. Decoupled weight decay acts on p itself, as in AdamW (it commutes with the rotation).
+    The bases are drawn from `seed` and the parameter's position, so a resumed run redraws the same ones.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, max_rotate_dim: int = 4096, seed: int = 0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.bases: dict[int, list[torch.Tensor | None]] = {}
+        g = torch.Generator().manual_seed(int(seed) % 2**63)
+        for p in (p for group in self.param_groups for p in group["params"]):
+            self.bases[id(p)] = [haar_orthogonal(n, g).to(p.device) if 1 < n <= max_rotate_dim else None
+                                 for n in p.shape]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                qs = self.bases[id(p)]
+                grad = p.grad if p.grad.dtype in (torch.float32, torch.float64) else p.grad.float()
+                grad = rotate(grad, [q.to(grad.dtype) if q is not None else None for q in qs])
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(grad)
+                    st["exp_avg_sq"] = torch.zeros_like(grad)
+                st["step"] += 1
+                step = float(st["step"])
+                # torch.optim.AdamW's single-tensor update, operation for operation (so Q = I is AdamW)
+                p.mul_(1 - lr * wd)
+                st["exp_avg"].lerp_(grad, 1 - beta1)
+                st["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = lr / (1 - beta1**step)
+                denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+                if all(q is None for q in qs):
+                    p.addcdiv_(st["exp_avg"], denom, value=-step_size)
+                else:
+                    back = rotate(st["exp_avg"] / denom, [q.to(grad.dtype) if q is not None else None for q in qs],
+                                  transpose=True)
+                    p.add_(back.to(p.dtype), alpha=-step_size)
+        return loss
