@@ -255,3 +255,23 @@ def test_killed_study_leaves_no_orphan_workers(tmp_path):
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert not alive, f"orphaned pool workers survived the study: {alive}"
+
+
+@pytest.mark.slow
+def test_a_study_crossing_variants_with_optimizers(tmp_path):
+    """--optimizers adamw,muon: one arm per variant+optimizer, paired by seed against softmax+adamw."""
+    out = tmp_path / "x"
+    rc = main(["study", "--out", str(out), "--variants", "softmax,softmax1", "--optimizers", "adamw,muon",
+               "--seeds", "1", "--jobs", "1", "--quant", "", *tiny_args(tmp_path / "cache")])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["variant"]: r for r in results["runs"]}
+    assert set(rows) == {"softmax+adamw", "softmax1+adamw", "softmax+muon", "softmax1+muon"}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert (rows["softmax1+muon"]["attention"], rows["softmax1+muon"]["optimizer"]) == ("softmax1", "muon")
+    cfg = json.loads((out / "runs" / "softmax1+muon-s0" / "config.json").read_text())
+    assert (cfg["model"]["attention"], cfg["train"]["optimizer"]) == ("softmax1", "muon")
+    assert {c["b"] for c in results["comparisons"]} == {"softmax+adamw"}
+    assert {c["a"] for c in results["comparisons"]} == {"softmax1+adamw", "softmax+muon", "softmax1+muon"}
+    # Muon moves the hidden matrices differently: the same seed's runs part ways
+    assert rows["softmax+muon"]["val_loss"] != rows["softmax+adamw"]["val_loss"]

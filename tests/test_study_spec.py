@@ -103,3 +103,20 @@ def test_presets_lists_training_and_study_presets(capsys):
     assert "[study]" in capsys.readouterr().out
     assert main(["presets", "default"]) == 0
     assert "[study]" not in capsys.readouterr().out  # the training preset of that name
+
+
+def test_crossing_variants_with_optimizers():
+    spec = resolve_spec("default", variants=["softmax", "softmax1"], optimizers=["adamw", "muon"], seeds=2)
+    assert spec.arms == ("softmax+adamw", "softmax1+adamw", "softmax+muon", "softmax1+muon")
+    assert spec.baseline_arm == "softmax+adamw" and spec.arm_parts("softmax1+muon") == ("softmax1", "muon")
+    cfg = spec.run_config("softmax1+muon", 1, "x")
+    assert (cfg.model.attention, cfg.train.optimizer, cfg.train.seed) == ("softmax1", "muon", 1)
+    d = spec.to_dict()
+    assert d["arms"] == list(spec.arms) and StudySpec.from_dict(d).arms == spec.arms
+    plain = resolve_spec("default", variants=["softmax", "softmax1"])
+    assert plain.arms == plain.variants and plain.baseline_arm == "softmax"
+    assert plain.run_config("softmax1", 0, "x").train.optimizer == "adamw"
+    with pytest.raises(ConfigError, match=r"study\.optimizers must name distinct optimizers"):
+        resolve_spec("default", optimizers=["adamw", "lion"])
+    with pytest.raises(ConfigError, match=r"train\.optimizer is set per run"):
+        resolve_spec("default", optimizers=["adamw", "muon"], overrides={"train.optimizer": "muon"})

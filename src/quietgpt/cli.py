@@ -245,7 +245,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .study import run_study
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()] if args.optimizers else None
     results = run_study(args.out, args.preset, variants=variants, seeds=args.seeds, baseline=args.baseline,
+                        optimizers=optimizers,
                         data=args.data,
                         device=args.device, overrides=parse_assignments(args.set), jobs=args.jobs,
                         quant=None if args.quant is None else [q for q in args.quant.split(",") if q.strip()],
@@ -349,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="number of seeds (default: the study preset's)")
     p.add_argument("--baseline", help="the variant the others are compared with (default: the study preset's, "
                    "softmax)")
+    p.add_argument("--optimizers", help="comma-separated optimizers (adamw, muon, orthoadam) to cross with the "
+                   "variants: one arm per variant+optimizer, compared with baseline+first optimizer (default: the "
+                   "study preset's; none = train.optimizer)")
     p.add_argument("--data", help="data source (default: the study preset's)")
     p.add_argument("--device", help="cpu, cuda, mps or auto (default: the study preset's)")
     p.add_argument("--quant", help="comma-separated quantization sweep (default: the preset's, e.g. "

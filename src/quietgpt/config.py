@@ -323,6 +323,7 @@ class StudyConfig:
     n_sequences: int = 32  # validation windows for the activation and attention statistics
     calib_batches: int = 8  # training batches that calibrate activation quantization ranges
     eval_tokens: int = 0  # perplexity on the first eval_tokens validation tokens; 0 = the whole split
+    optimizers: tuple[str, ...] = ()  # crossed with the variants (arms "variant+optimizer"); () = train.optimizer
 
     @classmethod
     def from_dict(cls, table: dict, where: str = "[study]") -> StudyConfig:
@@ -336,7 +337,7 @@ class StudyConfig:
                 hint = f" (did you mean study.{close[0]}?)" if close else ""
                 raise ConfigError(f"unknown key study.{key}{hint} in {where}; known study keys: "
                                   f"{', '.join(sorted(known))}")
-            if key in ("variants", "quant"):
+            if key in ("variants", "quant", "optimizers"):
                 items = value.split(",") if isinstance(value, str) else value
                 if not isinstance(items, list | tuple) or not all(isinstance(x, str) for x in items):
                     raise ConfigError(f"study.{key} expects a list of names, got {value!r}")
@@ -356,6 +357,10 @@ class StudyConfig:
         if self.baseline not in self.variants:
             raise ConfigError(f"the baseline {self.baseline!r} is not among the variants ({', '.join(self.variants)}); "
                               "add it to --variants or name another with --baseline")
+        bad = [o for o in self.optimizers if o not in OPTIMIZERS]
+        if bad or len(set(self.optimizers)) != len(self.optimizers):
+            raise ConfigError(f"study.optimizers must name distinct optimizers among {', '.join(OPTIMIZERS)}, got "
+                              f"{','.join(self.optimizers)!r}")
 
 
 def study_preset_names() -> list[str]:

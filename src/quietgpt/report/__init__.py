@@ -107,7 +107,7 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
     study_dir = Path(study_dir)
     results = load_results(study_dir)
     cfg = results.get("config", {})
-    variants = list(cfg.get("variants", []))
+    variants = list(cfg.get("arms") or cfg.get("variants", []))  # arms: variant+optimizer when crossed
     data = _run_data(study_dir, results.get("runs", []))
     plot_dir = study_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
     add("activations.png", plot_activations(data, variants, plot_dir / "activations.png", ACTIVATIONS.keep),
         f"Per-layer activation infinity norm and kurtosis over the sites {', '.join(ACT_SITES)}.")
     for v in variants:
-        if v in NULL_VARIANTS:
+        if v.partition("+")[0] in NULL_VARIANTS:  # an arm "variant+optimizer" is its variant here
             name = f"unassigned_mass_{safe_name(v)}.png"
             add(name, plot_unassigned_mass(data, v, plot_dir / name),
                 f"{v}: unassigned attention mass (1 - sum of the attention weights) per layer and head.")
@@ -144,7 +144,7 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
 def text_summary(results: dict) -> str:
     """What `quietgpt study` and `quietgpt report` print: the headline metrics per variant (mean [95% CI]),
     their verdicts against the baseline, and any failed runs. Plain text for a terminal."""
-    variants = results.get("config", {}).get("variants", [])
+    variants = results.get("config", {}).get("arms") or results.get("config", {}).get("variants", [])
     metrics = results.get("metrics", {})
     summary = results.get("summary", {})
     runs = results.get("runs", [])

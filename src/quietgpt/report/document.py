@@ -33,7 +33,7 @@ def build_document(results: dict, plots: list[tuple[str, str]]) -> list[tuple]:
     ("img", relative path, caption). Rendered to Markdown and HTML by the functions below."""
     cfg = results.get("config", {})
     run_cfg = cfg.get("run", {})
-    variants = cfg.get("variants", [])
+    variants = cfg.get("arms") or cfg.get("variants", [])  # arms: variant+optimizer when crossed
     metrics = results.get("metrics", {})
     machine = results.get("machine", {})
     runs = results.get("runs", [])

@@ -40,7 +40,8 @@ __all__ = ["StudyInterrupted", "StudySpec", "collect", "execute_run", "failed_ro
 def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequence[str] | None = None,
               seeds: int | None = None, baseline: str | None = None, data: str | None = None,
               device: str | None = None, overrides: dict | None = None, quant: Sequence[str] | None = None,
-              jobs: int | None = None, launcher: str = "local", force: bool = False, progress: bool = True) -> dict:
+              optimizers: Sequence[str] | None = None, jobs: int | None = None, launcher: str = "local",
+              force: bool = False, progress: bool = True) -> dict:
     """Train and measure every (variant, seed) run not already finished, then write results and report.
 
     preset: a study preset name or a TOML file (spec.py). jobs: runs at a time; None = auto (launch.py).
@@ -54,7 +55,7 @@ def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequenc
         raise ConfigError(f"--launcher must be local or slurm, got {launcher!r}")
     study_dir = Path(out_dir)
     spec = resolve_spec(preset, variants=variants, seeds=seeds, baseline=baseline, data=data, device=device,
-                        overrides=overrides, quant=quant)
+                        overrides=overrides, quant=quant, optimizers=optimizers)
     if launcher != "slurm":
         # A device this machine lacks, or data that cannot be read, is one error now rather than one failed
         # run per pair; and preparing the data once here means the runs (maybe in parallel) only read it.
@@ -63,6 +64,8 @@ def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequenc
 
         resolve_device(spec.device)
         prepare(spec.run.data)
+        for arm in spec.arms:  # a variant/optimizer that cannot be configured fails now, not once per seed
+            spec.run_config(arm, spec.seeds[0], study_dir / "runs")
     from ..runfolder import RunLock
 
     lock = RunLock(study_dir).acquire()  # two studies writing one folder would undo each other's runs
@@ -94,7 +97,7 @@ def _run_locked(study_dir: Path, spec: StudySpec, *, jobs: int | None, launcher:
 
     _check_same_study(study_dir, spec, force)
     t0 = time.perf_counter()
-    pairs = [(v, s) for s in spec.seeds for v in spec.variants]  # seed-major: early pairs complete
+    pairs = [(a, s) for s in spec.seeds for a in spec.arms]  # seed-major: early pairs complete
     done = {p: r for p in pairs if (r := finished(study_dir, spec, *p)) is not None}
     todo = [p for p in pairs if p not in done]
     if jobs is None:  # SLURM: the whole array at once; here: see auto_jobs

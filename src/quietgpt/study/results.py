@@ -58,7 +58,7 @@ def _rows(study_dir: Path, spec: StudySpec, extra_rows: dict, old_rows: dict) ->
     """Every (variant, seed)'s row: its result.json if made with this config, else `extra_rows`, else the
     old results.json's, else a failed row saying the run never finished."""
     rows = []
-    for v in spec.variants:
+    for v in spec.arms:
         for s in spec.seeds:
             r = _read(study_dir / "runs" / run_name(v, s) / "result.json")
             if r is not None:
@@ -88,8 +88,8 @@ def collect(study_dir: str | Path, spec: StudySpec | None = None, extra_rows: di
         "metrics": {k: m.describe() for k, m in metrics.items()},
         "metric_order": list(metrics),  # JSON objects are written with sorted keys; this is the table order
         "runs": rows,
-        "summary": summarize(rows, list(metrics), spec.variants),
-        "comparisons": compare(rows, [k for k, m in metrics.items() if m.compared], spec.variants, spec.baseline,
+        "summary": summarize(rows, list(metrics), spec.arms),
+        "comparisons": compare(rows, [k for k, m in metrics.items() if m.compared], spec.arms, spec.baseline_arm,
                                {k: m.label for k, m in metrics.items()}),
     }
     atomic_write_json(study_dir / "results.json", results)

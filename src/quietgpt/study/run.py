@@ -159,6 +159,8 @@ def execute_run(spec: StudySpec, variant: str, seed: int, study_dir: str, thread
 
         atomic_write(run_dir / "attn_sample.npz", write_npz)
         row = run_row(variant, seed, summary, ev, spec.metrics, rel, time.perf_counter() - t0)
+        if spec.optimizers:  # `variant` is the arm "variant+optimizer": keep its two parts as columns too
+            row["attention"], row["optimizer"] = spec.arm_parts(variant)
     except Exception as e:  # a failed run is recorded with its error, never dropped
         row = failed_row(variant, seed, rel, f"{type(e).__name__}: {e}", time.perf_counter() - t0)
     try:

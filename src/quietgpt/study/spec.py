@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..registry import Metric, study_metrics
 
 MEASURE_KEYS = ("quant", "n_sequences", "calib_batches", "eval_tokens")
-COMPARED_KEYS = ("variants", "seeds", *MEASURE_KEYS, "run")  # the settings that change a study's results
+COMPARED_KEYS = ("variants", "optimizers", "seeds", *MEASURE_KEYS, "run")  # what changes a study's results
 PER_RUN_KEYS = ("model.attention", "train.seed", "train.out_dir")  # set by the study for each run
 
 
@@ -47,16 +47,36 @@ class StudySpec:
     eval_tokens: int | None
     run: RunConfig
     overrides: Mapping[str, str] = field(default_factory=dict)
+    optimizers: tuple[str, ...] = ()  # crossed with the variants; () = the run config's one optimizer
 
     def __post_init__(self) -> None:
         if self.baseline not in self.variants:
             raise ConfigError(f"the baseline {self.baseline!r} is not among the variants "
                               f"({', '.join(self.variants)}); add it to --variants or pass --baseline")
 
-    def run_config(self, variant: str, seed: int, run_dir: str | Path) -> RunConfig:
-        """The RunConfig of one run: the shared config with this variant, seed and folder."""
-        return apply_overrides(self.run, {"model.attention": variant, "train.seed": seed,
-                                          "train.out_dir": str(run_dir)})
+    # An arm is what one column of the report compares: an attention variant, or, when the study crosses
+    # variants with optimizers, "variant+optimizer". Rows, run folders and statistics are keyed by arm.
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        if not self.optimizers:
+            return self.variants
+        return tuple(f"{v}+{o}" for o in self.optimizers for v in self.variants)
+
+    @property
+    def baseline_arm(self) -> str:
+        return f"{self.baseline}+{self.optimizers[0]}" if self.optimizers else self.baseline
+
+    def arm_parts(self, arm: str) -> tuple[str, str]:
+        """(attention variant, optimizer) of an arm."""
+        variant, _, optimizer = arm.partition("+")
+        return variant, optimizer or self.run.train.optimizer
+
+    def run_config(self, arm: str, seed: int, run_dir: str | Path) -> RunConfig:
+        """The RunConfig of one run: the shared config with this arm's variant (and optimizer), seed, folder."""
+        variant, optimizer = self.arm_parts(arm)
+        return apply_overrides(self.run, {"model.attention": variant, "train.optimizer": optimizer,
+                                          "train.seed": seed, "train.out_dir": str(run_dir)})
 
     @property
     def metrics(self) -> dict[str, Metric]:
@@ -79,7 +99,8 @@ class StudySpec:
                 "variants": list(self.variants), "seeds": list(self.seeds), "quant": list(self.quant),
                 "n_sequences": self.n_sequences, "calib_batches": self.calib_batches,
                 "eval_tokens": self.eval_tokens, "overrides": dict(self.overrides), "run": run,
-                "baseline": self.baseline}
+                "baseline": self.baseline, "optimizers": list(self.optimizers), "arms": list(self.arms),
+                "baseline_arm": self.baseline_arm}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> StudySpec:
@@ -92,7 +113,8 @@ class StudySpec:
                        seeds=tuple(int(s) for s in d["seeds"]), baseline=str(d.get("baseline", "softmax")),
                        quant=tuple(d.get("quant") or ()), n_sequences=int(d["n_sequences"]),
                        calib_batches=int(d["calib_batches"]), eval_tokens=d.get("eval_tokens"),
-                       run=RunConfig.from_dict(run), overrides=dict(d.get("overrides") or {}))
+                       run=RunConfig.from_dict(run), overrides=dict(d.get("overrides") or {}),
+                       optimizers=tuple(d.get("optimizers") or ()))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"not a study config ({type(e).__name__}: {e}); rerun `quietgpt study`") from None
 
@@ -134,7 +156,8 @@ def _flat_str(tables: Mapping[str, Mapping]) -> dict[str, str]:
 
 def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = None, seeds: int | None = None,
                  baseline: str | None = None, data: str | None = None, device: str | None = None,
-                 overrides: Mapping | None = None, quant: Sequence[str] | None = None) -> StudySpec:
+                 overrides: Mapping | None = None, quant: Sequence[str] | None = None,
+                 optimizers: Sequence[str] | None = None) -> StudySpec:
     """The study `preset` (name or TOML path) with the caller's choices on top; every bad value is a
     one-line ConfigError naming it."""
     from ..attention import check_variant
@@ -146,7 +169,7 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
         raise ConfigError(f"unknown section [{unknown[0]}] in {name}; use [study], [model], [data] or [train]")
     if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
-    given = {k: v for k, v in {"variants": variants, "seeds": seeds, "baseline": baseline,
+    given = {k: v for k, v in {"variants": variants, "seeds": seeds, "baseline": baseline, "optimizers": optimizers,
                                "quant": None if quant is None else list(quant)}.items() if v is not None}
     for v in variants or doc.get("study", {}).get("variants") or ():  # a bad name first, then the baseline check
         check_variant(v)
@@ -158,13 +181,14 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
         cli["data.source"] = data
     if device is not None:
         cli["train.device"] = device
-    for key in PER_RUN_KEYS:
+    per_run = (*PER_RUN_KEYS, "train.optimizer") if sc.optimizers else PER_RUN_KEYS
+    for key in per_run:
         if key in cli or key.split(".")[1] in tables.get(key.split(".")[0], {}):
-            raise ConfigError(f"{key} is set per run by the study; use --variants/--seeds/--out instead")
+            raise ConfigError(f"{key} is set per run by the study; use --variants/--optimizers/--seeds/--out instead")
     run = apply_overrides(apply_overrides(load_config(base), tables), cli)
     qs = tuple(c.name for c in parse_quant_list(list(sc.quant))) if sc.quant else ()
     return StudySpec(preset=name, description=sc.description, train_preset=base, variants=sc.variants,
                      seeds=tuple(range(sc.seeds)), baseline=sc.baseline, quant=qs, n_sequences=sc.n_sequences,
                      calib_batches=sc.calib_batches, eval_tokens=sc.eval_tokens or None,
                      run=replace(run, train=replace(run.train, out_dir=".")),
-                     overrides={**_flat_str(tables), **cli})
+                     overrides={**_flat_str(tables), **cli}, optimizers=sc.optimizers)
