@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write
+from ..stats import fmt
 from .cells import ZERO_TOL
 
 # ----------------------------------------------------------------------------- plots
@@ -282,7 +283,8 @@ def plot_quant_ppl(runs: Sequence[dict], variants, quant: Sequence[str], out: Pa
     ax2.set_xticklabels(list(quant))
     ax2.axhline(0, color="black", lw=0.8)
     ax2.set_ylabel("penalty: % perplexity over FP")
-    ax2.set_title("Quantization penalty (bar = mean, dots = seeds)", fontsize=10)
+    ax2.set_title("Quantization penalty (bar = mean, dots = seeds)" if quant else "no quantization sweep",
+                  fontsize=10)
     if drawn:
         _save(fig, out)
     else:
@@ -341,7 +343,7 @@ def plot_forest(panels: Sequence[dict], out: Path, baseline: str) -> bool:
     n_cols = min(4, len(panels))
     n_rows = math.ceil(len(panels) / n_cols)
     n_var = max(len(p["rows"]) for p in panels)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(11, n_rows * (0.85 + 0.26 * n_var) + 0.3),
                              squeeze=False, layout="constrained")
@@ -368,7 +370,7 @@ def plot_forest(panels: Sequence[dict], out: Path, baseline: str) -> bool:
         ax.set_xlabel(p["xlabel"], fontsize=8)
         ax.tick_params(axis="x", labelsize=7.5)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: fmt(x, 2)))  # no offset text over the label
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
     fig.suptitle(f"Paired difference to {baseline} (variant - {baseline}), 95% interval. Filled *: significant "
