@@ -126,16 +126,17 @@ def test_report_from_fixed_results(tmp_path):
     lines = (tmp_path / "results.csv").read_text().strip().splitlines()
     assert len(lines) == 7 and lines[0].startswith("variant,seed,status,error,")
     # plots: every promised one exists and is a PNG
-    names = sorted(p.name for p in out["plots"])
-    assert names == sorted(["loss_curves.png", "weight_kurtosis.png", "activations.png",
-                            "unassigned_mass_softmax1.png", "quant_ppl.png", "attention_maps.png"])
+    names = [p.name for p in out["plots"]]
+    assert names[0] == "forest.png"  # the first figure
+    assert sorted(names) == sorted(["forest.png", "loss_curves.png", "weight_kurtosis.png", "activations.png",
+                                    "unassigned_mass.png", "quant_ppl.png", "attention_maps.png"])
     for p in out["plots"]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = out["md"].read_text()
-    for heading in ("## Question", "## Setup", "## Summary", "## Paired comparisons", "## Plots", "## Failed runs"):
-        assert heading in md
-    assert md.index("## Question") < md.index("## Setup") < md.index("## Summary") < md.index("## Paired") \
-        < md.index("## Plots") < md.index("## Failed runs")
+    order = ["## Answer", "plots/forest.png", "## Per fix", "## Effects against softmax", "## Failed runs",
+             "<summary>Setup", "<summary>Summary", "<summary>Every comparison", "<summary>Figures",
+             "<summary>Definitions"]
+    assert [md.index(h) for h in order] == sorted(md.index(h) for h in order)
     assert "softmax1-s2" in md and "boom" in md
 
 
@@ -147,7 +148,7 @@ def test_html_is_self_contained_and_has_every_plot(tmp_path):
     parser.feed(out["html"].read_text())
     parser.close()
     assert parser.scripts == 0 and parser.links == 0  # nothing to fetch: works offline
-    assert len(parser.imgs) == len(out["plots"]) == 6
+    assert len(parser.imgs) == len(out["plots"]) == 7
     import base64
 
     for img, path in zip(parser.imgs, out["plots"], strict=True):

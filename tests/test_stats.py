@@ -147,3 +147,22 @@ def test_verdict_flags_claims_that_do_not_survive_holm():
     assert v.startswith("softmax1 raises loss") and "Holm" in v and "20 comparisons" in v
     c.update(p_holm=0.01)
     assert "Holm" not in verdict("loss", "softmax1", "softmax", c)
+
+
+def test_interval_formatting_and_the_exact_floor_in_words():
+    # ends that agree to 3 significant digits get more, until they differ ("1 [0.999, 1]" is the bug)
+    assert stats.digits_apart(0.99991, 1.00012) == 4  # "0.9999" vs "1"
+    assert stats.digits_apart(1.00012, 1.00019) == 5  # "1.0001" vs "1.0002"
+    assert stats.fmt_interval(1.00015, 1.00012, 1.00019) == "1.0002 [1.0001, 1.0002]"
+    assert stats.fmt_interval(-0.0068, -0.0117, -0.002, signed=True) == "-0.0068 [-0.0117, -0.002]"
+    assert stats.fmt_interval(0.5, None, None, signed=True) == "+0.5"
+    assert stats.fmt_signed(0.0) == "0" and stats.fmt_signed(None) == "n/a"
+    assert stats.crosses_floor(-69.1, 0.0) and not stats.crosses_floor(0.2, 0.0)
+    assert not stats.crosses_floor(-1.0, None)  # a quantity without a floor (a difference)
+    # 2 / 2^n: 0.5 at n = 2, 0.25 at n = 3, 0.0625 at n = 5, below 0.05 from n = 6 on
+    assert "2/2^2 = 0.5" in stats.exact_floor_note(2)
+    assert "2/2^3 = 0.25" in stats.exact_floor_note(3)
+    assert "2/2^5 = 0.062" in stats.exact_floor_note(5)
+    assert stats.exact_floor_note(6) == ""  # 0.03125: the test can reach 0.05, nothing to warn about
+    c = stats.paired({0: 1.0, 1: 2.0}, {0: 3.0, 1: 5.0})
+    assert "cannot go below 0.5 with n=2" in stats.verdict("ppl", "a", "b", c)

@@ -81,7 +81,7 @@ def test_micro_study_end_to_end(micro):
 
     P().feed((out / "report.html").read_text())
     plots = sorted((out / "plots").glob("*.png"))
-    assert len(plots) == 7 and len(imgs) == 7  # incl. one unassigned-mass heatmap per null variant
+    assert len(plots) == 7 and len(imgs) == 7  # incl. the forest plot and one unassigned-mass figure
     assert all(src.startswith("data:image/png;base64,") for src in imgs)
 
 

@@ -122,6 +122,50 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def fmt_signed(x: float | None, digits: int = 3) -> str:
+    """fmt(x) with an explicit sign for positive values ("+0.012", "-0.5", "0"): for differences."""
+    s = fmt(x, digits)
+    return f"+{s}" if x is not None and s not in ("n/a", "0") and x > 0 else s
+
+
+def digits_apart(lo: float, hi: float, digits: int = 3, most: int = 6) -> int:
+    """The fewest significant digits (at least `digits`, at most `most`) at which fmt tells lo from hi
+    apart, so a tight interval does not print as `1 [0.999, 1]`. `digits` when lo == hi."""
+    d = digits
+    while d < most and lo != hi and fmt(lo, d) == fmt(hi, d):
+        d += 1
+    return d
+
+
+def fmt_interval(mean: float, lo: float | None, hi: float | None, signed: bool = False,
+                 digits: int = 3) -> str:
+    """"mean [lo, hi]" with enough digits to tell the ends apart (digits_apart); "mean" alone when the
+    interval is undefined. signed: "+"/"-" on every number (for differences)."""
+    f = fmt_signed if signed else fmt
+    if lo is None or hi is None:
+        return f(mean, digits)
+    d = digits_apart(lo, hi, digits)
+    return f"{f(mean, d)} [{f(lo, d)}, {f(hi, d)}]"
+
+
+def crosses_floor(lo: float | None, floor: float | None) -> bool:
+    """Whether a t interval reaches below a quantity's physical floor (a wall time below 0 s, a kurtosis
+    below 1): the symmetric t interval of a skewed, bounded quantity from few seeds says nothing then."""
+    return lo is not None and floor is not None and lo < floor
+
+
+def exact_floor_note(n: int) -> str:
+    """What the exact sign-flip test can show with n pairs, in words: its smallest two-sided p-value is
+    2/2^n, so below n = 6 it can never reach 0.05 whatever the data ("" when it can)."""
+    if n < 1:
+        return ""
+    floor = min_exact_pvalue(n)
+    if floor < 0.05:
+        return ""
+    return (f"with {n} paired seed{'s' if n != 1 else ''} the exact sign-flip test's smallest possible p-value "
+            f"is 2/2^{n} = {fmt(floor, 2)}, so it cannot reach 0.05 whatever the data")
+
+
 def verdict(metric_label: str, a: str, b: str, cmp: dict) -> str:
     """One plain sentence about `a` vs `b` on one metric that claims no more than `cmp` supports.
 

@@ -1,17 +1,22 @@
 """A study's report: report.md, a self-contained report.html, and plots/*.png, from results on disk.
 
-`write_report(study_dir)` reads results.json (runs, summary, comparisons, config; see study.py) and each
-run's folder (metrics.jsonl, eval.json, attn_sample.npz) and writes:
+`write_report(study_dir)` reads results.json (runs, summary, comparisons, config; see study/results.py)
+and each run's folder (metrics.jsonl, eval.json, attn_sample.npz) and writes:
 
+    plots/forest.png                 the first figure: per headline metric, each variant's paired difference
+                                     to the baseline with its 95% interval, Holm-significant ones marked
     plots/loss_curves.png            train and val loss per variant: mean over seeds, band = min..max
     plots/weight_kurtosis.png        per-layer kurtosis of the block matmul weights
     plots/activations.png            per-layer activation infinity norm and kurtosis
-    plots/unassigned_mass_<v>.png    attention mass left on "nothing", layer x head, one per null variant
-    plots/quant_ppl.png              perplexity in floating point and across the quantization sweep
-    plots/attention_maps.png         one sample's attention maps in the last layer, per variant
-    report.md, report.html           question, setup, summary, comparisons with verdicts, plots, failures
+    plots/unassigned_mass.png        attention mass left on "nothing", layer x head, every variant that can
+                                     leave mass (null variants and clipped), one shared colour scale
+    plots/quant_ppl.png              perplexity (y from 0) and the quantization penalty in percent
+    plots/attention_maps.png         one sample's attention maps (its first positions) in the last layer
+    report.md, report.html           answer, forest plot, effects table, failed runs; then, folded:
+                                     setup, means, every verdict in full, the other figures, definitions
 
-The package: plots.py (one function per figure), document.py (the blocks and their Markdown/HTML
+The package: answer.py (the generated top-line answer and its thresholds), cells.py (how a number is
+printed), plots.py (one function per figure), document.py (the blocks and their Markdown/HTML
 renderings); this module reads a study and writes everything. Nothing is trained or measured here, so
 `quietgpt report DIR` can rebuild everything at any time. The HTML embeds the PNGs as base64 data URIs,
 has no external CSS or JS (works offline and as an email attachment), and every string that came from
@@ -27,19 +32,20 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_text
-from ..attention import NULL_VARIANTS  # the variants that can leave attention mass on "nothing"
 from ..errors import QuietError
 from ..registry import ACT_SITES, ACTIVATIONS, BLOCK_WEIGHTS
 from ..stats import fmt
-from .document import build_document, cell_ci, render_html, render_markdown
+from .answer import answer_lines
+from .cells import CAN_LEAVE_MASS, baseline_value, effect_unit, label, scale, summary_cell, symbol_key
+from .document import build_document, render_html, render_markdown
 from .plots import (
     plot_activations,
     plot_attention_maps,
+    plot_forest,
     plot_loss_curves,
     plot_quant_ppl,
     plot_unassigned_mass,
     plot_weight_kurtosis,
-    safe_name,
 )
 
 # ----------------------------------------------------------------------------- reading a study
@@ -98,16 +104,27 @@ def _run_data(study_dir: Path, runs: Sequence[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- entry point
 
 
+def arms_view(results: dict) -> dict:
+    """The results as the report reads them: its columns are the study's arms. A study that crosses variants
+    with optimizers has arms "variant+optimizer" and a baseline arm; the report then shows those in place
+    of the bare variants (results.json itself keeps both)."""
+    cfg = results.get("config", {})
+    if not cfg.get("arms") or cfg.get("arms") == cfg.get("variants"):
+        return results
+    return {**results, "config": {**cfg, "variants": list(cfg["arms"]), "baseline": cfg.get("baseline_arm")}}
+
+
 def write_report(study_dir: str | Path) -> dict[str, Path]:
     """Write plots/*.png, report.md and report.html from results.json and the run folders.
 
-    Returns {"md": path, "html": path, "plots": [paths]}. Plots with no data behind them (a study whose
-    runs all failed, say) are left out and the report says which ones are missing.
+    Returns {"md": path, "html": path, "plots": [paths]} (the forest plot first). Plots with no data
+    behind them (a study whose runs all failed, say) are left out; other PNGs in plots/ (an older
+    report's) are removed, so plots/ matches the report.
     """
     study_dir = Path(study_dir)
-    results = load_results(study_dir)
+    results = arms_view(load_results(study_dir))
     cfg = results.get("config", {})
-    variants = list(cfg.get("arms") or cfg.get("variants", []))  # arms: variant+optimizer when crossed
+    variants = list(cfg.get("variants", []))
     data = _run_data(study_dir, results.get("runs", []))
     plot_dir = study_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -124,32 +141,73 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
         "Per-layer kurtosis of the block matmul weights (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).")
     add("activations.png", plot_activations(data, variants, plot_dir / "activations.png", ACTIVATIONS.keep),
         f"Per-layer activation infinity norm and kurtosis over the sites {', '.join(ACT_SITES)}.")
-    for v in variants:
-        if v.partition("+")[0] in NULL_VARIANTS:  # an arm "variant+optimizer" is its variant here
-            name = f"unassigned_mass_{safe_name(v)}.png"
-            add(name, plot_unassigned_mass(data, v, plot_dir / name),
-                f"{v}: unassigned attention mass (1 - sum of the attention weights) per layer and head.")
+    mass = [v for v in variants if v.partition("+")[0] in CAN_LEAVE_MASS]  # an arm "variant+optimizer"
+    add("unassigned_mass.png", plot_unassigned_mass(data, mass, plot_dir / "unassigned_mass.png"),
+        f"Unassigned attention mass (1 - sum of the attention weights) per layer and head of {', '.join(mass)}, "
+        "on one colour scale taken from the data. softmax and gated leave none by construction.")
     add("quant_ppl.png", plot_quant_ppl(results.get("runs", []), variants, cfg.get("quant", []),
                                         plot_dir / "quant_ppl.png"),
-        "Validation perplexity in floating point and under each quantization config of the sweep.")
-    add("attention_maps.png", plot_attention_maps(data, variants, plot_dir / "attention_maps.png"),
-        "Attention maps of one validation sample in the last layer, first seed of each variant.")
-    blocks = build_document(results, plots)
+        "Left: validation perplexity in floating point and under each quantization config (y-axis from 0). "
+        "Right: the quantization penalty, perplexity over FP in percent (bar = mean, dots = seeds).")
+    model = cfg.get("run", {}).get("model", {})
+    add("attention_maps.png", plot_attention_maps(data, variants, plot_dir / "attention_maps.png",
+                                                  model.get("block_size")),
+        "Attention maps of one validation sample in the last layer, first seed of each variant: only the "
+        "sample's first positions (the title says how many), not the whole context.")
+    forest = None
+    if plot_forest(forest_panels(results), plot_dir / "forest.png", cfg.get("baseline", "?")):
+        forest = ("plots/forest.png", f"Paired difference to {cfg.get('baseline')} per headline metric "
+                  "(variant - baseline; 95% t interval over seeds). Filled and starred: significant after "
+                  "Holm's correction; hollow in colour: interval excludes 0 only before the correction.")
+    shown = ([forest] if forest else []) + plots
+    for stale in set(plot_dir.glob("*.png")) - {study_dir / f for f, _ in shown}:
+        stale.unlink(missing_ok=True)  # plots/ holds this report's figures only (not an older layout's)
+    blocks = build_document(results, plots, forest)
     md_path, html_path = study_dir / "report.md", study_dir / "report.html"
     atomic_write_text(md_path, render_markdown(blocks))
     atomic_write_text(html_path, render_html(blocks, study_dir))
-    return {"md": md_path, "html": html_path, "plots": [study_dir / p for p, _ in plots]}
+    return {"md": md_path, "html": html_path,
+            "plots": [study_dir / f for f, _ in shown]}
+
+
+def forest_panels(results: dict) -> list[dict]:
+    """plot_forest's input: one panel per headline compared metric (registry order), one row per fix, in
+    the report's units (penalties in percentage points)."""
+    cfg, metrics = results.get("config", {}), results.get("metrics", {})
+    b = cfg.get("baseline")
+    fixes = [v for v in cfg.get("variants", []) if v != b]
+    by = {(c["metric"], c["a"]): c for c in results.get("comparisons", [])}
+    panels = []
+    for m in results.get("metric_order", []):
+        desc = metrics.get(m, {})
+        if not desc.get("headline") or not any((m, v) in by for v in fixes):
+            continue
+        k, rows = scale(m), []
+        for v in fixes:
+            c = by.get((m, v), {})
+            x, lo, hi = c.get("diff_mean"), c.get("ci95_low"), c.get("ci95_high")
+            worse = desc.get("higher_is_worse")
+            judged = None if worse is None or x is None else ("worse" if (x > 0) == bool(worse) else "better")
+            rows.append({"label": v, "x": None if x is None else x * k, "lo": None if lo is None else lo * k,
+                         "hi": None if hi is None else hi * k, "kind": symbol_key(c) if c else "na",
+                         "judged": judged})
+        shown = baseline_value(m, b, (results.get("summary", {}).get(m) or {}).get(b))
+        panels.append({"title": f"{label(m, desc)}\n({b}: {shown})", "xlabel": f"difference ({effect_unit(m, desc)})",
+                       "rows": rows})
+    return panels
 
 
 def text_summary(results: dict) -> str:
     """What `quietgpt study` and `quietgpt report` print: the headline metrics per variant (mean [95% CI]),
     their verdicts against the baseline, and any failed runs. Plain text for a terminal."""
-    variants = results.get("config", {}).get("arms") or results.get("config", {}).get("variants", [])
+    results = arms_view(results)
+    variants = results.get("config", {}).get("variants", [])
     metrics = results.get("metrics", {})
     summary = results.get("summary", {})
     runs = results.get("runs", [])
     headline = [m for m in results.get("metric_order", []) if metrics.get(m, {}).get("headline") and m in summary]
-    rows = [[metrics[m].get("label", m), *[cell_ci(summary[m].get(v)) for v in variants]] for m in headline]
+    rows = [[label(m, metrics[m]), *[summary_cell(m, metrics[m], v, summary[m].get(v)) for v in variants]]
+            for m in headline]
     header = ["metric", *variants]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = [f"{sum(r.get('status') == 'ok' for r in runs)} of {len(runs)} runs ok; study wall time "
@@ -159,4 +217,6 @@ def text_summary(results: dict) -> str:
     lines.append("verdicts (paired by seed, against the baseline):")
     lines += [f"- {c['verdict']}" for c in results.get("comparisons", []) if c["metric"] in headline]
     lines += [f"FAILED {r['variant']} seed {r['seed']}: {r.get('error')}" for r in runs if r.get("status") != "ok"]
+    lines.append("answer (generated from the verdicts; report.html has the forest plot):")
+    lines += [f"- {a}" for a in answer_lines(results)]
     return "\n".join(lines)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write
+from ..stats import fmt
+from .cells import ZERO_TOL
 
 # ----------------------------------------------------------------------------- plots
 
@@ -165,8 +167,8 @@ def plot_activations(data, variants, out: Path, keep) -> bool:
                            "Activations per layer (mean over seeds, band = min..max)", "layer (-1 = embeddings)")
 
 
-def plot_unassigned_mass(data, variant: str, out: Path) -> bool:
-    """Heatmap of unassigned attention mass (layer x head), mean over seeds."""
+def _mass_grid(data, variant: str) -> np.ndarray | None:
+    """(n_layer, n_head) unassigned mass of one variant, mean over seeds; None without data."""
     cells: dict[tuple[int, int], list[float]] = {}
     for d in data:
         if d["variant"] != variant or not d["eval"]:
@@ -176,58 +178,113 @@ def plot_unassigned_mass(data, variant: str, out: Path) -> bool:
             if isinstance(u, int | float) and math.isfinite(u):
                 cells.setdefault((int(e["layer"]), int(e["head"])), []).append(float(u))
     if not cells:
-        return False
-    n_layer = max(k[0] for k in cells) + 1
-    n_head = max(k[1] for k in cells) + 1
-    grid = np.full((n_layer, n_head), np.nan)
+        return None
+    grid = np.full((max(k[0] for k in cells) + 1, max(k[1] for k in cells) + 1), np.nan)
     for (layer, head), us in cells.items():
         grid[layer, head] = np.mean(us)
+    return grid
+
+
+def mass_norm(lo: float, hi: float):
+    """(matplotlib norm, colormap name) of the unassigned-mass heatmaps for data spanning lo..hi: diverging
+    around 0 when some head over-assigns (lo < 0), logarithmic when positive values span more than a
+    decade, else linear lo..hi."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    if lo < 0:  # clipped with zeta > 1 can over-assign a row
+        top = max(abs(lo), hi, 1e-12)
+        return Normalize(-top, top), "RdBu_r"
+    if lo > 0 and hi / lo > 10:
+        return LogNorm(lo, hi), "viridis"
+    return Normalize(lo, hi if hi > lo else lo + 1e-12), "viridis"
+
+
+def plot_unassigned_mass(data, variants: Sequence[str], out: Path) -> bool:
+    """Heatmaps (layer x head, mean over seeds and query positions) of the unassigned attention mass of
+    `variants`, side by side on ONE colour scale taken from the data, so the panels compare: min..max,
+    logarithmic when the values are positive and span more than a decade (softmax1 at 0.03 next to
+    clipped at 0.8 would otherwise paint every softmax1 cell alike), symmetric around 0 when some head
+    over-assigns. Every cell also prints its value."""
+    grids = [(v, g) for v in variants if (g := _mass_grid(data, v)) is not None]
+    if not grids:
+        return False
+    from matplotlib.colors import LogNorm
+
+    norm, cmap = mass_norm(min(float(np.nanmin(g)) for _, g in grids), max(float(np.nanmax(g)) for _, g in grids))
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n_head, 1.0 + 0.55 * n_layer))
-    im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    for (layer, head), _ in cells.items():
-        val = grid[layer, head]
-        ax.text(head, layer, f"{val:.2f}", ha="center", va="center", fontsize=7,
-                color="white" if val < 0.5 else "black")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(n_head))
-    ax.set_yticks(range(n_layer))
-    fig.colorbar(im, ax=ax, label="unassigned mass")
-    ax.set_title(f"{variant}: attention mass on nothing\n(mean over seeds and query positions)", fontsize=9)
+    n_head = max(g.shape[1] for _, g in grids)
+    n_layer = max(g.shape[0] for _, g in grids)
+    fig, axes = plt.subplots(1, len(grids), figsize=(0.6 + (0.55 * n_head + 0.6) * len(grids) + 1.2,
+                                                     1.3 + 0.45 * n_layer), squeeze=False)
+    for ax, (v, g) in zip(axes[0], grids, strict=True):
+        im = ax.imshow(g, norm=norm, cmap=cmap, aspect="auto")
+        for (layer, head), val in np.ndenumerate(g):
+            if math.isfinite(val):
+                dark = norm(val) < 0.5 if cmap == "viridis" else abs(norm(val) - 0.5) > 0.3
+                ax.text(head, layer, f"{val:.2g}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+        ax.set_title(v, fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_xticks(range(g.shape[1]))
+        ax.set_yticks(range(g.shape[0]))
+    axes[0][0].set_ylabel("layer")
+    scale = "log scale, " if isinstance(norm, LogNorm) else ""
+    fig.colorbar(im, ax=list(axes[0]), label=f"unassigned mass ({scale}shared)", shrink=0.9)
+    fig.suptitle("Attention mass on nothing (1 - row sum), mean over seeds and query positions", fontsize=9)
     _save(fig, out)
     return True
 
 
+def _seed_values(runs: Sequence[dict], v: str, fn) -> list[float]:
+    vals = []
+    for r in runs:
+        if r["variant"] == v and r.get("status") == "ok":
+            x = fn(r)
+            if x is not None and math.isfinite(x):
+                vals.append(float(x))
+    return vals
+
+
 def plot_quant_ppl(runs: Sequence[dict], variants, quant: Sequence[str], out: Path) -> bool:
+    """Left: perplexity per config (FP and each quant config), y-axis from 0, so a 0.5% gap looks like
+    one. Right: the quantization penalty (ppl_q / ppl_fp - 1) in percent per config, bars from 0, one dot
+    per seed: the number the left panel cannot show."""
     plt = _plt()
     colors = _colors(variants)
-    configs = ["fp", *quant]
-    keys = ["ppl", *[f"ppl_{q}" for q in quant]]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     drawn = False
     width = 0.8 / max(1, len(variants))
+
+    def num(r: dict, k: str) -> float | None:
+        x = r.get(k)
+        return float(x) if isinstance(x, int | float) else None
+
     for i, v in enumerate(variants):
-        means, lows, highs = [], [], []
-        for k in keys:
-            vals = [r[k] for r in runs if r["variant"] == v and r.get("status") == "ok"
-                    and isinstance(r.get(k), int | float) and math.isfinite(r[k])]
-            means.append(np.mean(vals) if vals else np.nan)
-            lows.append(min(vals) if vals else np.nan)
-            highs.append(max(vals) if vals else np.nan)
-        if all(np.isnan(means)):
+        off = (i - (len(variants) - 1) / 2) * width
+        ppl = [_seed_values(runs, v, lambda r, k=k: num(r, k)) for k in ["ppl", *[f"ppl_{q}" for q in quant]]]
+        pen = [_seed_values(runs, v, lambda r, q=q: None if not (num(r, "ppl") and num(r, f"ppl_{q}"))
+                            else (num(r, f"ppl_{q}") / num(r, "ppl") - 1) * 100) for q in quant]
+        if not any(ppl):
             continue
-        xs = np.arange(len(configs)) + (i - (len(variants) - 1) / 2) * width
-        m = np.asarray(means)
-        err = np.vstack([m - np.asarray(lows), np.asarray(highs) - m])
-        ax.bar(xs, m, width, color=colors[v], label=v, yerr=err, capsize=2)
         drawn = True
-    ax.set_xticks(range(len(configs)))
-    ax.set_xticklabels(configs)
+        ax.bar(np.arange(len(ppl)) + off, [np.mean(x) if x else np.nan for x in ppl], width, color=colors[v],
+               label=v)
+        ax2.bar(np.arange(len(pen)) + off, [np.mean(x) if x else np.nan for x in pen], width, color=colors[v],
+                alpha=0.6, label=v)
+        for j, x in enumerate(pen):
+            ax2.plot([j + off] * len(x), x, "o", color="black", ms=2.5)
+    ax.set_xticks(range(len(quant) + 1))
+    ax.set_xticklabels(["fp", *quant])
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.2)  # from 0, with room for the legend above the bars
     ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("Perplexity, floating point vs quantized (mean over seeds, bars = min..max)", fontsize=10)
+    ax.set_title("Perplexity (mean over seeds; y from 0)", fontsize=10)
+    ax.legend(fontsize=8, ncol=max(1, len(variants)), loc="upper center")
+    ax2.set_xticks(range(len(quant)))
+    ax2.set_xticklabels(list(quant))
+    ax2.axhline(0, color="black", lw=0.8)
+    ax2.set_ylabel("penalty: % perplexity over FP")
+    ax2.set_title("Quantization penalty (bar = mean, dots = seeds)" if quant else "no quantization sweep",
+                  fontsize=10)
     if drawn:
         _save(fig, out)
     else:
@@ -235,8 +292,10 @@ def plot_quant_ppl(runs: Sequence[dict], variants, quant: Sequence[str], out: Pa
     return drawn
 
 
-def plot_attention_maps(data, variants, out: Path, max_heads: int = 4) -> bool:
-    """Last layer's attention maps of one sample, first ok seed of each variant; rows = variants."""
+def plot_attention_maps(data, variants, out: Path, context: int | None = None, max_heads: int = 4) -> bool:
+    """Last layer's attention maps of one sample, first ok seed of each variant; rows = variants. The
+    sample holds the first T positions of a validation sequence (study.run.attention_sample); the title
+    says T and, when known, the model's context."""
     picks = []
     for v in variants:
         ds = sorted((d for d in data if d["variant"] == v and d["sample"] is not None), key=lambda d: d["seed"])
@@ -246,17 +305,76 @@ def plot_attention_maps(data, variants, out: Path, max_heads: int = 4) -> bool:
         return False
     plt = _plt()
     n_cols = min(max_heads, min(p[2].shape[1] for p in picks))
-    fig, axes = plt.subplots(len(picks), n_cols, figsize=(2.4 * n_cols, 2.4 * len(picks)), squeeze=False)
+    from matplotlib.colors import PowerNorm
+
+    fig, axes = plt.subplots(len(picks), n_cols, figsize=(2.4 * n_cols + 0.8, 2.4 * len(picks) + 0.4),
+                             squeeze=False, layout="constrained")
     for row, (v, seed, probs) in enumerate(picks):
         layer = probs.shape[0] - 1
         for h in range(n_cols):
             ax = axes[row][h]
             p = probs[layer, h]
-            ax.imshow(p, vmin=0.0, vmax=1.0, cmap="magma")
+            # square-root colour scale: most weights of a 32-key row are small; 0..1 linear paints them black
+            im = ax.imshow(p, norm=PowerNorm(0.5, 0.0, 1.0), cmap="magma")
             unassigned = float(np.mean(1.0 - p.sum(-1)))
+            unassigned = 0.0 if abs(unassigned) < ZERO_TOL else unassigned  # float rounding of a row sum
             ax.set_title(f"{v} s{seed} L{layer} H{h}\non nothing: {unassigned:.2f}", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("Attention maps of one validation sample (rows: queries, columns: keys)", fontsize=10)
+    t = picks[0][2].shape[-1]
+    of = f" of the model's {context}" if context and context > t else ""
+    fig.suptitle(f"Attention maps of one validation sample: the first {t} positions{of}, last layer\n"
+                 "(rows: queries, columns: keys)", fontsize=10)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="attention weight (square-root scale)", shrink=0.6)
+    _save(fig, out)
+    return True
+
+
+def plot_forest(panels: Sequence[dict], out: Path, baseline: str) -> bool:
+    """The report's first figure: one panel per headline metric, one row per variant, the paired
+    difference to the baseline (point) with its 95% interval (line). panels: [{"title", "xlabel",
+    "rows": [{"label", "x", "lo", "hi", "kind" (cells.symbol_key), "judged" ("better"|"worse"|None)}]}].
+    Holm-significant differences are filled and starred; leads (interval excludes 0 only before the
+    correction) hollow in colour; the rest hollow grey."""
+    panels = [p for p in panels if any(r["x"] is not None for r in p["rows"])]
+    if not panels:
+        return False
+    plt = _plt()
+    n_cols = min(4, len(panels))
+    n_rows = math.ceil(len(panels) / n_cols)
+    n_var = max(len(p["rows"]) for p in panels)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(11, n_rows * (0.85 + 0.26 * n_var) + 0.3),
+                             squeeze=False, layout="constrained")
+    tone = {"better": "#1a7f37", "worse": "#c62828", None: "black"}
+    for ax, p in zip(axes.ravel(), panels):
+        rows = p["rows"]
+        for y, r in enumerate(rows):
+            if r["x"] is None:
+                continue
+            sig = r["kind"] in ("up", "down")
+            lead = r["kind"] in ("lead_up", "lead_down")
+            c = tone[r["judged"]] if sig or lead else "#888888"
+            if r["lo"] is not None:
+                ax.plot([r["lo"], r["hi"]], [y, y], color=c, lw=1.6)
+            ax.plot([r["x"]], [y], "o", ms=6, color=c, mfc=c if sig else "white", mew=1.4)
+            if sig:
+                ax.annotate("*", (r["x"], y), xytext=(0, 3), textcoords="offset points", ha="center",
+                            fontsize=11, color=c)
+        ax.axvline(0, color="black", lw=0.8, ls="--")
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([r["label"] for r in rows], fontsize=8.5)
+        ax.set_ylim(len(rows) - 0.5, -0.6)
+        ax.set_title(p["title"], fontsize=9)
+        ax.set_xlabel(p["xlabel"], fontsize=8)
+        ax.tick_params(axis="x", labelsize=7.5)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: fmt(x, 2)))  # no offset text over the label
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"Paired difference to {baseline} (variant - {baseline}), 95% interval. Filled *: significant "
+                 "after Holm; hollow colour: interval excludes 0 but not after Holm; grey: includes 0. "
+                 "Green better, red worse.", fontsize=9)
     _save(fig, out)
     return True
