@@ -97,6 +97,7 @@ def test_presets_lists_training_and_study_presets(capsys):
     out = capsys.readouterr().out
     assert "training presets" in out and "study presets" in out
     assert "full" in out and "all six attention variants" in out  # the study-only preset, with its description
+    assert out.count("wall time: ") == len(study_preset_names())  # and every study preset's estimate
     assert main(["presets", "full"]) == 0
     assert "[study]" in capsys.readouterr().out
     assert main(["presets", "default", "--kind", "study"]) == 0

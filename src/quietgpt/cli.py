@@ -94,7 +94,14 @@ def _run_config(args: argparse.Namespace, base, *, scale: bool = True):
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """List the shipped presets (training and study) with their descriptions, or print one as TOML."""
-    from .config import preset_description, preset_names, preset_text, study_preset_names, study_preset_text
+    from .config import (
+        preset_description,
+        preset_names,
+        preset_text,
+        preset_wall_time,
+        study_preset_names,
+        study_preset_text,
+    )
 
     if args.name:
         study = args.kind == "study" or (args.kind is None and args.name in study_preset_names()
@@ -110,6 +117,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"{kind}:")
         for name in names:
             print(f"  {name:22s} {preset_description(text(name))}")
+            wall = preset_wall_time(text(name))
+            if wall:
+                print(f"  {'':22s} wall time: {wall}")
     return 0
 
 

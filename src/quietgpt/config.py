@@ -315,6 +315,7 @@ class StudyConfig:
     tables, then the command line's overrides; each run sets its own attention variant and seed.
     """
     description: str = ""
+    wall_time: str = ""  # an estimate of the study's wall time and the machine it holds for (`quietgpt presets`)
     base: str = "default"  # the training preset (name or .toml path) the runs start from
     variants: tuple[str, ...] = ("softmax", "softmax1", "sink")
     seeds: int = 3  # seeds 0 .. seeds-1; every variant runs once per seed (a paired design)
@@ -383,6 +384,15 @@ def preset_description(text: str) -> str:
     if isinstance(study, dict) and isinstance(study.get("description"), str):
         return study["description"]
     return next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
+
+
+def preset_wall_time(text: str) -> str:
+    """A study preset's estimated wall time ([study] wall_time), or ""."""
+    try:
+        study = tomllib.loads(text).get("study")
+    except tomllib.TOMLDecodeError:
+        return ""
+    return str(study.get("wall_time", "")) if isinstance(study, dict) else ""
 
 
 # A TOML file may carry a [study] table (read by `quietgpt study`; checked here too, so a typo in it is
