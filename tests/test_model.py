@@ -154,7 +154,8 @@ def test_observation_sites_and_paths():
     assert seen[("mlp_hidden", 1)] == (2, 10, 64)
     assert seen[("attn_probs", 0)] == (2, 2, 10, 10)
     assert model.attention_paths() == ["reference", "reference"]
-    assert len(seen) == 1 + 2 * 5
+    assert seen[("ln2_out", 1)] == seen[("lnf_out", 2)] == (2, 10, 16)
+    assert len(seen) == 1 + 2 * 7 + 1  # embeddings, 7 per block (no gate: softmax1), ln_f
     model(idx)  # hooks are gone: fast path again, nothing recorded
     assert model.attention_paths() == ["lse-flash-cpu", "lse-flash-cpu"]
     # a returned tensor replaces the activation

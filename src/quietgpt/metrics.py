@@ -1,7 +1,9 @@
 """Measure each link of the chain the study is about, the way Bondarenko et al. 2023 do:
 outlier weights (kurtosis, max |w|) -> outlier activations (infinity norms, kurtosis, outlier dimensions)
 -> heads that park their attention (unassigned mass, first-token mass, entropy) -> perplexity, in float
-and after W8A8 (or any other) fake quantization.
+and after W8A8 (or any other) fake quantization; plus each outlier/sink paper's own statistic (sink rate,
+massive activations, Bondarenko et al.'s per-sequence norms and kurtosis, first vs other tokens, gate
+means: collectors._PaperStats) on the same observed windows.
 
 `measure(model, dataset)` costs about one float pass over the validation split, one quantized pass per
 quant config and a few calibration batches. One float pass computes both the perplexity and all
@@ -62,6 +64,12 @@ class Measurement:
     wall_s: float
     eval_tokens: int | None = None  # perplexity on the first eval_tokens validation tokens (None: all)
     extra: dict[str, Any] = field(default_factory=dict)
+    # each paper's own statistic, per layer or module (collectors._PaperStats; README "Measurement")
+    sinks: list[dict] = field(default_factory=list)  # Gu et al.'s sink rate, Kaul et al.'s argmax share
+    massive: list[dict] = field(default_factory=list)  # Sun et al.'s massive activations (block output)
+    bondarenko: list[dict] = field(default_factory=list)  # Bondarenko et al.'s per-module norms and kurtosis
+    first_token: list[dict] = field(default_factory=list)  # Kaul et al.'s first vs other tokens (block output)
+    gates: list[dict] = field(default_factory=list)  # Qiu et al.'s mean gate value (gated variants only)
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -80,11 +88,10 @@ def _jsonable(obj):
     return obj
 
 
-def _summary(weights, activations, attention, perplexity, quant: Sequence[str], eval_tokens: int | None) -> dict:
-    """Every eval metric of the registry (registry.py: one definition each), plus where the largest
-    activation kurtosis and |activation| sit (site, layer, dim, position, token), which are locations,
-    not metrics."""
-    ev = {"weights": weights, "activations": activations, "attention": attention, "perplexity": perplexity}
+def _summary(ev: dict, quant: Sequence[str], eval_tokens: int | None) -> dict:
+    """Every eval metric of the registry (registry.py: one definition each) from the eval JSON's sections
+    `ev`, plus where the largest activation kurtosis and |activation| sit (site, layer, dim, position,
+    token), which are locations, not metrics."""
     out: dict[str, Any] = eval_summary(ev, quant, eval_tokens)
     acts = [a for a in ACTIVATIONS.entries(ev) if a["kurtosis"] is not None]
     if acts:
@@ -162,14 +169,15 @@ def measure(model: GPT, dataset, *, quant: Sequence[str] | str = ("w8a8",), n_se
             timings[f"{cfg.name}_s"] = time.perf_counter() - t1
             perplexity[cfg.name] = ppl_of(nll_q, ntok)
             loss[cfg.name] = nll_q / ntok
-        activations, attention = collector.activation_rows(), collector.attention_rows()
-        summary = _summary(weights, activations, attention, perplexity, [c.name for c in configs], eval_tokens)
+        activations, attention, papers = collector.activation_rows(), collector.attention_rows(), collector.papers()
+        ev = dict(weights=weights, activations=activations, attention=attention, perplexity=perplexity, **papers)
+        summary = _summary(ev, [c.name for c in configs], eval_tokens)
         return Measurement(
             weights=weights, weights_by_layer=by_layer, activations=activations, attention=attention,
             perplexity=perplexity, loss=loss, summary=summary,
             quant={c.name: c.to_dict() for c in configs}, model=model.config.to_dict(), checkpoint=checkpoint,
             data=data, n_sequences=len(sample), block_size=T, seed=seed, calib_batches=calib_batches,
-            timings=timings, wall_s=time.perf_counter() - t_start, eval_tokens=eval_tokens,
+            timings=timings, wall_s=time.perf_counter() - t_start, eval_tokens=eval_tokens, **papers,
         )
     finally:
         model.train(was_training)

@@ -17,6 +17,12 @@ one function call.
     mlp_out      (B, T, C)  MLP output after c_proj
     block_out    (B, T, C)  the residual stream after the block
     attn_probs   (B, H, T, T) attention weights (observing them runs the reference path)
+    ln1_out      (B, T, C)  ln_1's output (the attention sub-block's input)
+    ln2_out      (B, T, C)  ln_2's output (the MLP's input)
+    lnf_out      (B, T, C)  the final LayerNorm's output (layer n_layer)
+    attn_gate    (B, H, T, 1) the gate values in (0, 1) of gated attention (gated variants only)
+The last four are hooks on the LayerNorm / HeadGate modules themselves (no extra tap): they exist for
+the paper metrics (collectors.py) and are not in the eval JSON's "activations" rows.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from .errors import ConfigError
 from .softmax import check_clip_params
 
 Tensor = torch.Tensor
-SITES = ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out", "attn_probs")
+SITES = ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out", "attn_probs", "ln1_out", "ln2_out",
+         "lnf_out", "attn_gate")
 
 
 @dataclass
@@ -327,7 +334,8 @@ class GPT(nn.Module):
     # ---------------------------------------------------------------- observation
 
     def sites(self) -> Iterator[tuple[str, int, nn.Module]]:
-        """(site, layer, tap module) for every observation site; embeddings are layer -1."""
+        """(site, layer, tap module) for every observation site; embeddings are layer -1, ln_f's output
+        layer n_layer; attn_gate only for blocks that have a gate."""
         yield "embeddings", -1, self.tap_embeddings
         for i, block in enumerate(self.transformer.h):
             yield "attn_probs", i, block.attn.core.tap_probs
@@ -335,6 +343,11 @@ class GPT(nn.Module):
             yield "mlp_hidden", i, block.mlp.tap_hidden
             yield "mlp_out", i, block.mlp.tap_out
             yield "block_out", i, block.tap_out
+            yield "ln1_out", i, block.ln_1
+            yield "ln2_out", i, block.ln_2
+            if block.attn.gate is not None:
+                yield "attn_gate", i, block.attn.gate
+        yield "lnf_out", len(self.transformer.h), self.transformer.ln_f
 
     @contextlib.contextmanager
     def observe(self, fn: Callable[[str, int, Tensor], Tensor | None],

@@ -5,7 +5,7 @@ follows), which tensors or sites it reads (a `Selection` of the eval JSON's entr
 them, and which way is bad. Everything that shows a metric reads this table: `metrics.measure`'s
 summary (and so `quietgpt eval`'s JSON and printout), the study's rows and results.csv, the report's
 tables, definitions and per-layer plots. So a metric has one value wherever it appears, and a new one
-is one entry here (plus, if it needs a new statistic, the collector in metrics.py that produces it).
+is one entry here (plus, if it needs a new statistic, the collector in collectors.py that produces it).
 
 Sources: "eval" metrics are computed from `Measurement.to_dict()` (eval.json), "train" metrics from
 train()'s summary dict, "run" metrics are facts of the run itself (wall time), which the study records
@@ -55,6 +55,14 @@ ACTIVATIONS = Selection(
 BLOCK_OUT = Selection("activations", "the residual stream after each block (site block_out)",
                       lambda e: e.get("site") == "block_out")
 HEADS = Selection("attention", "every (layer, head)", lambda e: True)
+# the paper sections (collectors._PaperStats): one entry per layer, or per module for Bondarenko et al.'s
+SINK_LAYERS = Selection("sinks", "every layer's attention", lambda e: True)
+MASSIVE_LAYERS = Selection("massive", "every layer's block output (site block_out)", lambda e: True)
+BONDARENKO_ACTS = Selection(
+    "bondarenko", "Bondarenko et al.'s modules: the outputs of every layer's ln_1, attn.c_proj, ln_2, mlp.c_proj "
+    "and block, and of ln_f", lambda e: True)
+FIRST_TOKEN_LAYERS = Selection("first_token", "every layer's block output (site block_out)", lambda e: True)
+GATED_LAYERS = Selection("gates", "every gated layer's attention gate", lambda e: True)
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -76,7 +84,7 @@ def _reduce(fn: Callable[[list[float]], float]) -> Callable[[Sequence], float | 
     return reduce
 
 
-MAX, MEAN = _reduce(max), _reduce(np.mean)
+MAX, MEAN, SUM = _reduce(max), _reduce(np.mean), _reduce(sum)
 
 
 # ----------------------------------------------------------------------------- the metric
@@ -117,6 +125,10 @@ class Metric:
 
 BONDARENKO = "Bondarenko et al. 2023, Quantizable Transformers (outlier-free-transformers)"
 NANOGPT = "karpathy/nanoGPT train.py"
+GU = "Gu et al. ICLR 2025, When Attention Sink Emerges in Language Models (sail-sg/Attention-Sink)"
+KAUL = "Kaul et al. ICLR 2025, From Attention to Activation: Unravelling the Enigmas of LLMs"
+SUN = "Sun et al. 2024, Massive Activations in Large Language Models (locuslab/massive-activations)"
+QIU = "Qiu et al. 2025, Gated Attention for Large Language Models"
 
 
 def _ppl_scope(eval_tokens: int | None) -> str:
@@ -144,6 +156,55 @@ def _quant_metrics(quant: Sequence[str]) -> list[Metric]:
             *(Metric(f"ppl_ratio_{q}", f"{q} / FP perplexity", "ratio", f"ppl_{q} / ppl: the quantization "
                      "penalty (1 = none)", BONDARENKO, "eval", read=ratio(q), headline=i == 0)
               for i, q in enumerate(quant))]
+
+
+def _paper_metrics() -> list[Metric]:
+    """Each outlier/sink paper's own number, computed as its code does (collectors._PaperStats)."""
+    tok = "per layer, over the block output (site block_out)"
+    return [
+        Metric("sink_rate", "sink rate (Sink_1^0.3)", "share", "Gu et al.'s Sink_1^eps, eps = 0.3: the share of "
+               "(sequence, layer, head) whose alpha, the attention weight on the first key averaged over the "
+               "first 64 query positions (position 0 included), exceeds eps; the mean over layers",
+               GU, "eval", select=SINK_LAYERS, field="sink_rate", reduce=MEAN, headline=True),
+        Metric("first_token_argmax_share", "first-token argmax share", "share", "the share of (sequence, layer, "
+               "head, query position >= 1) whose largest attention weight is on the first key (Kaul et al.: "
+               "heads 'attending maximally to the first token'); the mean over layers", KAUL, "eval",
+               select=SINK_LAYERS, field="first_token_argmax_share", reduce=MEAN),
+        Metric("massive_ratio_max", "massive activation ratio (layer max)", "ratio", "per layer, the largest "
+               "|x| of the block output over its median |x|, each taken per sequence and averaged over the "
+               "sampled sequences (Sun et al.'s top-1 and median curves); the max over layers", SUN, "eval",
+               select=MASSIVE_LAYERS, field="ratio", reduce=MAX),
+        Metric("massive_count", "massive activations per sequence", "count", "the number of block-output "
+               "values with |x| > 100 and |x| > 1000 x the median |x| of their sequence's layer output (Sun et "
+               "al.'s criterion), summed over layers, averaged over the sampled sequences", SUN, "eval",
+               select=MASSIVE_LAYERS, field="massive_per_sequence", reduce=SUM),
+        Metric("bondarenko_max_inf_norm", "max inf. norm (Bondarenko)", "absolute value", "Bondarenko et al.'s "
+               "'max inf. norm': per module, the infinity norm of each sequence's whole output averaged over the "
+               "sampled sequences; the max over " + BONDARENKO_ACTS.text, BONDARENKO, "eval",
+               select=BONDARENKO_ACTS, field="inf_norm_seq_mean", reduce=MAX, headline=True),
+        Metric("bondarenko_avg_kurtosis", "avg. kurtosis (Bondarenko)", "kurtosis", "Bondarenko et al.'s 'avg. "
+               "kurtosis': per module, the kurtosis (Pearson) of each sequence's whole output averaged over the "
+               "sampled sequences; the mean over "
+               + BONDARENKO_ACTS.text, BONDARENKO, "eval", select=BONDARENKO_ACTS,
+               field="kurtosis_seq_mean", reduce=MEAN),
+        Metric("act_max_first_token", "max |x|, first token", "absolute value", f"{tok}, the largest |x| of "
+               "the first token's hidden vector averaged over sequences (Kaul et al.'s E_m[|X_m,1,d|]); the mean "
+               "over layers", KAUL, "eval", select=FIRST_TOKEN_LAYERS, field="max_first", reduce=MEAN),
+        Metric("act_max_other_tokens", "max |x|, other tokens", "absolute value", f"{tok}, the largest |x| "
+               "over positions >= 1, averaged over sequences (Kaul et al.'s E_m[|X_m,>1,d|]); the mean over "
+               "layers", KAUL, "eval", select=FIRST_TOKEN_LAYERS, field="max_other", reduce=MEAN),
+        Metric("act_kurtosis_first_token", "kurtosis, first token", "kurtosis", f"{tok}, the kurtosis "
+               "(Pearson) of the first token's hidden values, averaged over sequences (Kaul et al.'s "
+               "E_m[kappa_m,1]); the mean over layers", KAUL, "eval", select=FIRST_TOKEN_LAYERS,
+               field="kurtosis_first", reduce=MEAN),
+        Metric("act_kurtosis_other_tokens", "kurtosis, other tokens", "kurtosis", f"{tok}, the kurtosis "
+               "(Pearson) of each other token's hidden values, averaged over sequences and positions >= 1 "
+               "(Kaul et al.'s E_m[kappa_m,>1]); the mean over layers", KAUL, "eval",
+               select=FIRST_TOKEN_LAYERS, field="kurtosis_other", reduce=MEAN),
+        Metric("gate_mean", "mean gate value", "gate value", "the mean of the attention gate's values over "
+               "sequences, positions, heads and " + GATED_LAYERS.text + "; none for variants without a gate",
+               QIU, "eval", higher_is_worse=None, select=GATED_LAYERS, field="mean", reduce=MEAN),
+    ]
 
 
 def catalogue(quant: Sequence[str] = ("w8a8",), eval_tokens: int | None = None) -> dict[str, Metric]:
@@ -188,6 +249,7 @@ def catalogue(quant: Sequence[str] = ("w8a8",), eval_tokens: int | None = None) 
         Metric("attention_entropy_mean", "attention entropy", "nats", "mean over layers, heads and query "
                "positions of the entropy of the attention distribution (keys plus 'nothing')", BONDARENKO,
                "eval", higher_is_worse=None, select=HEADS, field="entropy", reduce=MEAN, study=False),
+        *_paper_metrics(),
     ]
     last = [
         Metric("tokens_per_s", "training tokens/s", "tokens/s", "training throughput (shared CPU: noisy with "
