@@ -166,3 +166,15 @@ def test_interval_formatting_and_the_exact_floor_in_words():
     assert stats.exact_floor_note(6) == ""  # 0.03125: the test can reach 0.05, nothing to warn about
     c = stats.paired({0: 1.0, 1: 2.0}, {0: 3.0, 1: 5.0})
     assert "cannot go below 0.5 with n=2" in stats.verdict("ppl", "a", "b", c)
+
+
+def test_a_metric_an_arm_does_not_have_is_said_so_not_blamed_on_seeds():
+    """gate_mean exists only for gated variants: comparing two ungated ones is 'not compared', not 'n=0'."""
+    runs = [{"variant": v, "seed": s, "status": "ok", "gate_mean": (0.3 + s / 10 if v == "gated" else None),
+             "val_loss": 2.0 + s / 10 + (v == "gated") * 0.01} for v in ("softmax", "softmax1", "gated")
+            for s in range(3)]
+    cmps = {(c["metric"], c["a"]): c for c in stats.compare(runs, ["gate_mean", "val_loss"],
+                                                             ["softmax", "softmax1", "gated"], "softmax")}
+    assert cmps[("gate_mean", "softmax1")]["verdict"].endswith("softmax1 and softmax has no such value")
+    assert cmps[("gate_mean", "gated")]["verdict"].endswith("softmax has no such value")
+    assert cmps[("val_loss", "gated")]["n"] == 3

@@ -175,6 +175,8 @@ def verdict(metric_label: str, a: str, b: str, cmp: dict) -> str:
     n = 3 as evidence against a difference.
     """
     n = cmp["n"]
+    if n == 0 and cmp.get("why_none"):
+        return f"{metric_label} is not compared for {a} and {b}: {cmp['why_none']}"
     if n < 2 or cmp["ci95_low"] is None:
         return (f"not enough seeds to compare {a} with {b} on {metric_label} "
                 f"(n={n} paired seeds; need at least 2)")
@@ -231,6 +233,12 @@ def compare(runs: Sequence[Mapping], metrics: Sequence[str], variants: Sequence[
 
     pairs = [(m, v) for m in metrics for v in variants if v != baseline]
     cmps = [paired(by_seed(v, m), by_seed(baseline, m)) for m, v in pairs]
+    for (m, v), c in zip(pairs, cmps, strict=True):
+        # no run of either arm has a value (a gate mean without gates), as against too few seeds
+        ok = [[r for r in runs if r["variant"] == x and r.get("status") == "ok"] for x in (v, baseline)]
+        has = [any(r.get(m) is not None for r in rs) for rs in ok]
+        if c["n"] == 0 and all(ok) and not all(has):
+            c["why_none"] = f"{' and '.join(x for x, h in zip((v, baseline), has) if not h)} has no such value"
     # Many metrics x variants are tested at once: about 1 in 20 intervals excludes 0 by chance alone.
     for c, adj in zip(cmps, holm([c["p_value"] for c in cmps])):
         c["p_holm"], c["n_tests"] = adj, sum(c2["p_value"] is not None for c2 in cmps)

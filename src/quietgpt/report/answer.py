@@ -176,7 +176,7 @@ def answer(results: dict) -> dict[str, str | list[str]]:
     comps = results.get("comparisons", [])
     power = ""
     if comps:
-        n = min(c.get("n") or 0 for c in comps)
+        n = min((c.get("n") or 0 for c in comps if c.get("n")), default=0)  # n = 0: a metric neither arm has
         n_tests = max(c.get("n_tests") or 0 for c in comps)
         note = exact_floor_note(n)
         power = (f"Power: {n} paired seed{'s' if n != 1 else ''} per comparison, {n_tests} comparisons corrected "

@@ -99,7 +99,7 @@ def _summary(results: dict) -> list[tuple]:
 
 def _comparisons(results: dict) -> list[tuple]:
     metrics, comps = results.get("metrics", {}), results.get("comparisons", [])
-    n = min((c.get("n") or 0 for c in comps), default=0)
+    n = min((c.get("n") or 0 for c in comps if c.get("n")), default=0)  # n = 0: a metric neither arm has
     floor = exact_floor_note(n)
     method = ("Differences are variant minus baseline, paired by seed, in the metric's own unit (ratios as "
               "ratios). The interval is the 95% Student-t interval of the per-seed differences; p-values are "
