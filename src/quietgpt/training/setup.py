@@ -149,7 +149,8 @@ def _resolve_init(cfg: RunConfig, saved: dict | None, d: Dist) -> tuple[RunConfi
     return cfg, start, pretrained.describe(start, cfg.train.init, changes)
 
 
-def _pretrained_loss(start: GPT, dataset: Dataset, cfg: RunConfig, parts: StepParts, say) -> dict[str, float]:
+def _pretrained_loss(start: GPT, dataset: Dataset, cfg: RunConfig, parts: StepParts,
+                     say: Callable[[str | None], None]) -> dict[str, float]:
     """The pretrained softmax model's loss on the batches of the run's iteration-0 eval: how far the swap
     moved the start (the run's own step-0 eval follows). The pretrained copy leaves the device after."""
     losses = estimate_loss(start.to(parts.device), dataset, cfg.train, cfg.model.block_size, parts.device,
