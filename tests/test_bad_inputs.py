@@ -111,6 +111,16 @@ CLI_ROWS: dict[str, tuple[str, list[str]]] = {
                                ["export", "--checkpoint", "{w}/run", "--hf", "{w}/run", "--force"]),
     "export-unknown-dtype": ("export with an unknown --dtype",
                              ["export", "--checkpoint", "{w}/run", "--hf", "{w}/exported", "--dtype", "int8"]),
+    "init-not-hf": ("--init that is not hf:NAME_OR_PATH", ["train", "--init", "gpt2"]),
+    "init-missing-folder": ("--init folder that does not exist",
+                            ["train", "--init", "hf:{w}/missing", "--out", "{w}/new", *S("data.cache_dir={w}/cache")]),
+    "init-not-gpt2": ("--init model of another architecture (Llama)",
+                      ["train", "--init", "hf:{w}/hf-llama", "--out", "{w}/new", *S("data.cache_dir={w}/cache")]),
+    "init-vocab": ("--init model whose vocabulary is smaller than the data's tokenizer",
+                   ["train", "--init", "hf:{w}/hf-small-vocab", "--out", "{w}/new", "--data", "{w}/other.txt",
+                    *S("data.tokenizer=byte", "data.cache_dir={w}/cache", *TINY)]),
+    "init-resume-other": ("--resume with another --init than the checkpoint started from",
+                          ["train", "--resume", "--out", "{w}/run", "--init", "hf:{w}/hf-small-vocab"]),
     **{f"eval-hf-{name}": (what, ["eval", "--hf", f"{{w}}/hf-{name}", "--data", "{w}/other.txt", "--tokenizer", "byte",
                                   "--cache-dir", "{w}/cache", "--json", "{w}/e.json"])
        for name, what in {
@@ -153,7 +163,17 @@ def _api_rows():
                                  "train.device": "cuda:0", "train.out_dir": str(w / "new")}))),
         "api-study-variant": ("study.run_study with a path as a variant",
                               lambda w: study.run_study(w / "s2", variants=["softmax", "../x"])),
+        "api-int8-cuda": ("metrics.measure with int8-dynamic on a CUDA device", lambda w: metrics.measure(
+            *_model_and_data(w / "run"), quant=["w8a8", "int8-dynamic"], device="cuda")),
     }
+
+
+def _model_and_data(run: Path):
+    """The trained run's model and its prepared data (for API rows that measure)."""
+    from quietgpt import checkpoint, data
+
+    model, cfg = checkpoint.load_model(run)
+    return model, data.prepare(cfg.data)
 
 
 # ----------------------------------------------------------------------------- the world the rows run in
@@ -280,7 +300,7 @@ def _check(world: Path, documented: dict, rid: str, code: int, err: str, before:
 
 @pytest.mark.parametrize("rid", list(CLI_ROWS))
 def test_cli_row(world, documented, rid):
-    if rid.startswith("eval-hf-"):
+    if rid.startswith(("eval-hf-", "init-")):
         pytest.importorskip("transformers")
     before = tree_hash(world)
     code, err = run_cli(world, CLI_ROWS[rid][1])

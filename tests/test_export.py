@@ -216,7 +216,7 @@ def test_bfloat16_export_stores_bfloat16_weights(tmp_path):
 
 
 def test_char_tokenizer_json_encodes_as_quietgpt_does(exported):
-    from quietgpt.data import CharTokenizer
+    from quietgpt.tokenizers import CharTokenizer
 
     doc = json.loads((exported["softmax1"][1] / hf_export.TOKENIZER_FILE).read_text(encoding="utf-8"))
     assert doc["type"] == "char" and doc["itos"] == CHARS and doc["vocab_size"] == VOCAB

@@ -53,7 +53,8 @@ def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = "d
 
 
 _FLAGS = (("data", "data.source"), ("attention", "model.attention"), ("seed", "train.seed"),
-          ("max_iters", "train.max_iters"), ("device", "train.device"), ("out", "train.out_dir"))
+          ("max_iters", "train.max_iters"), ("device", "train.device"), ("out", "train.out_dir"),
+          ("init", "train.init"))
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -313,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, summary.json) (default: the preset's "
                                  "train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out")
+    p.add_argument("--init", metavar="hf:NAME_OR_PATH",
+                   help="start from a pretrained Hugging Face GPT-2 (a save_pretrained folder or a hub name) with "
+                        "--attention swapped in: its architecture replaces the preset's, text goes through its GPT-2 "
+                        "BPE unless --set data.tokenizer names another that fits (default: random init)")
     p.set_defaults(fn=cmd_train)
 
     p = verb("sample", help="generate text from a checkpoint")

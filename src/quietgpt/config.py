@@ -31,7 +31,9 @@ class DataConfig:
     # "synthetic" (the embedded task), "shakespeare_char", a path to a UTF-8 .txt file or a folder of
     # them, or "hf:NAME[:CONFIG]" for a Hugging Face dataset (needs the hf extra).
     source: str = "synthetic"
-    tokenizer: str = "auto"  # auto | char | byte | gpt2 (auto: the synthetic task's own, else char)
+    # auto | char | byte | gpt2 (auto: the synthetic task's own, else char; with train.init a text source's
+    # auto is gpt2, the pretrained model's own: RunConfig resolves it)
+    tokenizer: str = "auto"
     val_fraction: float = 0.1
     cache_dir: str = ""  # where prepared .bin files live; "" = the user cache dir
     synthetic_tokens: int = 1_000_000  # length of the embedded corpus, in tokens
@@ -53,6 +55,9 @@ OPTIMIZERS = ("adamw", "muon", "orthoadam")  # built by training/optim.py
 class TrainConfig:
     out_dir: str = "out"
     seed: int = 1337
+    # "" = random init; "hf:NAME_OR_PATH" = start from a pretrained Hugging Face GPT-2 (a save_pretrained
+    # folder or a hub name) with this run's attention swapped in (quietgpt.pretrained)
+    init: str = ""
     device: str = "cpu"  # cpu | cuda | mps | auto
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on CUDA if supported, else fp32)
     compile: bool = False
@@ -111,6 +116,9 @@ class TrainConfig:
         self._check_optimizer()
         if not self.out_dir.strip():
             raise ConfigError("train.out_dir is empty; pass --out DIR")
+        if self.init and (not self.init.startswith("hf:") or not self.init[3:].strip()):
+            raise ConfigError(f"train.init must be '' (random init) or hf:NAME_OR_PATH (a pretrained GPT-2: a "
+                              f"save_pretrained folder or a Hugging Face Hub name), got {self.init!r}")
 
 
     def _check_optimizer(self) -> None:
@@ -132,6 +140,13 @@ class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        # A run that starts from a pretrained GPT-2 reads text through that model's tokenizer (GPT-2 BPE) unless
+        # the user names another; resolved here, in the config, so that whoever prepares the data again (eval,
+        # the study's measurement) gets the same tokens. The synthetic source keeps its own ("auto").
+        if self.train.init and self.data.tokenizer == "auto" and self.data.source != "synthetic":
+            self.data = dataclasses.replace(self.data, tokenizer="gpt2")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

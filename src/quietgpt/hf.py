@@ -1,6 +1,6 @@
 """Hugging Face interop: GPT-2 models between transformers and quietgpt.
 
-Import (`load_hf_gpt2(folder)`, `from_hf(model or state dict)`, which `GPT.from_hf` calls): a
+Import (`load_hf_gpt2(folder or hub name)`, `from_hf(model or state dict)`, which `GPT.from_hf` calls): a
 transformers GPT-2 becomes a quietgpt `GPT` with softmax attention only when quietgpt computes exactly
 the same function, i.e. the same logits as transformers' `GPT2LMHeadModel` up to float32 rounding
 (tests check 1e-5). Anything it cannot reproduce is a one-line `QuietError` naming the config field and
@@ -19,12 +19,15 @@ Accepted as they are: `reorder_and_upcast_attn` (it only reorders the scaling an
 float32, which in float32 is the same computation), `tie_word_embeddings=False` when lm_head equals wte,
 dropout rates (evaluation runs without dropout), `n_positions` (the block size) and `vocab_size`.
 
-Export (quietgpt -> Hugging Face, every variant) is quietgpt.hf_export. Import flow: model <- hf <- metrics, cli.
+Export (quietgpt -> Hugging Face, every variant) is quietgpt.hf_export; training from a pretrained GPT-2 with
+the attention swapped (train.init) is quietgpt.pretrained. Import flow: model <- hf <- pretrained, metrics, cli.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -147,10 +150,57 @@ def _first(keys, n: int = 1) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_hf_gpt2(path: str | Path) -> GPT:
-    """A saved Hugging Face GPT-2 folder (save_pretrained) as a quietgpt GPT (softmax attention), in eval
-    mode, computing the same logits as transformers; QuietError (one line) for anything else."""
-    folder = Path(path)
+@contextlib.contextmanager
+def _quiet_hf():
+    """transformers' and huggingface_hub's warnings and progress bars off (a CLI error must stay one line,
+    and the hub's retry notices would not), the caller's settings restored."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:  # pragma: no cover - transformers depends on it
+        hub_logging = None
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_verbosity = hub_logging.get_verbosity() if hub_logging else None
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if hub_logging:
+        hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if hub_logging:
+            hub_logging.set_verbosity(hub_verbosity)
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for a name that can only be a local path (hub ids are NAME or ORG/NAME)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _raw_config(path: str | Path) -> tuple[dict, str]:
+    """(config.json as a dict, what transformers should load): a local folder's file, or for a name that is
+    no local path a Hugging Face Hub model's (downloaded into the hub cache); QuietError when there is none."""
+    name = str(path)
+    folder = Path(name).expanduser()
+    if not folder.exists() and not _looks_like_path(name):
+        try:
+            from transformers import PretrainedConfig
+        except ImportError:
+            raise QuietError("loading a Hugging Face model needs the transformers package; "
+                             "pip install 'quietgpt[hf]'") from None
+        try:
+            with _quiet_hf():
+                raw, _ = PretrainedConfig.get_config_dict(name)
+        except (OSError, ValueError) as e:
+            msg = " ".join(str(e).split())[:160]
+            raise QuietError(f"{name} is neither a local folder nor a model the Hugging Face Hub gave ({msg}); "
+                             "pass a folder saved with save_pretrained, or a hub name where the network "
+                             "reaches the hub") from None
+        return raw, name
     if not (folder / "config.json").is_file():
         raise QuietError(f"{path} is not a saved Hugging Face model folder (config.json missing); "
                          "pass a folder written by save_pretrained")
@@ -159,29 +209,30 @@ def load_hf_gpt2(path: str | Path) -> GPT:
     except (OSError, ValueError) as e:
         raise QuietError(f"{path}/config.json is not readable JSON ({' '.join(str(e).split())[:120]}); "
                          "pass a folder written by save_pretrained") from None
+    return raw, str(folder)
+
+
+def load_hf_gpt2(path: str | Path) -> GPT:
+    """A Hugging Face GPT-2 as a quietgpt GPT (softmax attention), in eval mode, computing the same logits
+    as transformers; QuietError (one line) for anything else. `path` is a folder saved by save_pretrained,
+    or a Hugging Face Hub name (anything else transformers' from_pretrained takes; it needs the network
+    the first time, then the hub cache)."""
+    raw, source = _raw_config(path)
     if not isinstance(raw, dict):
         raise QuietError(f"{path}/config.json is not a JSON object; pass a folder written by save_pretrained")
     where = str(path)
     check_kind(raw.get("model_type"), raw.get("architectures"), where)  # before transformers guesses
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
-        from transformers.utils import logging as hf_logging
     except ImportError:
         raise QuietError("--hf needs the transformers package; pip install 'quietgpt[hf]'") from None
-    # a CLI error must stay one line: no transformers warnings or progress bars while loading
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        check_config(GPT2Config.from_pretrained(str(folder)), where)  # before any weights are read
-        hf, info = GPT2LMHeadModel.from_pretrained(str(folder), output_loading_info=True)
+        with _quiet_hf():
+            check_config(GPT2Config.from_pretrained(source), where)  # before any weights are read
+            hf, info = GPT2LMHeadModel.from_pretrained(source, output_loading_info=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         msg = " ".join(str(e).split())[:200]
         raise QuietError(f"cannot load a GPT-2 model from {path} ({msg}); pass a saved GPT-2 folder") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     if info.get("missing_keys"):
         raise QuietError(f"cannot import {where}: its weights lack {_first(info['missing_keys'])}, which "
                          "transformers would fill with random values; pass a complete save_pretrained folder")

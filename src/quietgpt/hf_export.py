@@ -229,7 +229,7 @@ def write_tokenizer(meta: dict | None, folder: Path) -> str:
         atomic_write_json(folder / TOKENIZER_FILE, doc)
         return f"tokenizer: {TOKENIZER_FILE} ({doc['type']}, {doc['vocab_size']} tokens)"
     if meta.get("name") == "gpt2":
-        from .data import GPT2Tokenizer
+        from .tokenizers import GPT2Tokenizer
 
         try:
             enc = GPT2Tokenizer().enc

@@ -1,9 +1,10 @@
 """Measure each link of the chain the study is about, the way Bondarenko et al. 2023 do:
 outlier weights (kurtosis, max |w|) -> outlier activations (infinity norms, kurtosis, outlier dimensions)
--> heads that park their attention (unassigned mass, first-token mass, entropy) -> perplexity, in float
-and after W8A8 (or any other) fake quantization; plus each outlier/sink paper's own statistic (sink rate,
-massive activations, Bondarenko et al.'s per-sequence norms and kurtosis, first vs other tokens, gate
-means: collectors._PaperStats) on the same observed windows.
+-> heads that park their attention (unassigned mass, first-token mass, entropy) -> perplexity, in float,
+after W8A8 (or any other) fake quantization, and with PyTorch's real dynamic int8 kernels (int8-dynamic);
+plus each outlier/sink paper's own statistic (sink rate, massive activations, Bondarenko et al.'s
+per-sequence norms and kurtosis, first vs other tokens, gate means: collectors._PaperStats) on the same
+observed windows.
 
 `measure(model, dataset)` costs about one float pass over the validation split, one quantized pass per
 quant config and a few calibration batches. One float pass computes both the perplexity and all
@@ -34,7 +35,7 @@ from .errors import QuietError
 from .hf import load_hf_gpt2
 from .model import GPT
 from .perplexity import calibration_batches, eval_windows, nll_pass, ppl_of
-from .quant import parse_quant_list, quantized
+from .quant import QuantConfig, check_dynamic, int8_dynamic, parse_quant_list, quantized
 from .registry import ACTIVATIONS, eval_summary
 
 Tensor = torch.Tensor
@@ -112,11 +113,16 @@ def measure(model: GPT, dataset, *, quant: Sequence[str] | str = ("w8a8",), n_se
     non-overlapping windows of block_size (default: the model's); activation and attention statistics
     over `n_sequences` full windows drawn from those with `seed`; weight statistics; and for each quant
     config (see quant.parse_quant), perplexity of the fake-quantized model calibrated on `calib_batches`
-    seeded batches of the training split. The model is left as it was (weights restored, hooks removed,
-    train/eval mode kept).
+    seeded batches of the training split; "int8-dynamic" runs PyTorch's int8 kernels on a quantized copy (CPU
+    only: a QuietError before any work on another device). `timings` holds each config's pass in seconds
+    ("<name>_s"; for int8-dynamic also "<name>_convert_s", the quantize_dynamic call). The model is left as it
+    was (weights restored, hooks removed, train/eval mode kept).
     """
     t_start = time.perf_counter()
     configs = parse_quant_list(quant)
+    for cfg in configs:
+        if cfg.kind == "dynamic":
+            check_dynamic(cfg, device)
     T = min(block_size or model.config.block_size, model.config.block_size)
     if eval_tokens is not None and (isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int)
                                     or eval_tokens < 2):
@@ -158,15 +164,10 @@ def measure(model: GPT, dataset, *, quant: Sequence[str] | str = ("w8a8",), n_se
         timings["weights_s"] = time.perf_counter() - t0
         calib_batch_size = max(1, min(calib_batch_size, 2**27 // (T * model.config.vocab_size)))
         calib = (calibration_batches(dataset.train, calib_batches, calib_batch_size, T, seed, device)
-                 if configs else [])
+                 if any(c.kind == "simulated" for c in configs) else [])
         timings["calib_s"] = 0.0
         for cfg in configs:
-            t0 = time.perf_counter()
-            with quantized(model, cfg, calib):
-                t1 = time.perf_counter()
-                timings["calib_s"] += t1 - t0
-                nll_q, _ = nll_pass(model, val, windows, batch_size=batch_size, device=device)
-            timings[f"{cfg.name}_s"] = time.perf_counter() - t1
+            nll_q = _quantized_nll(model, cfg, calib, val, windows, batch_size, device, timings)
             perplexity[cfg.name] = ppl_of(nll_q, ntok)
             loss[cfg.name] = nll_q / ntok
         activations, attention, papers = collector.activation_rows(), collector.attention_rows(), collector.papers()
@@ -181,6 +182,25 @@ def measure(model: GPT, dataset, *, quant: Sequence[str] | str = ("w8a8",), n_se
         )
     finally:
         model.train(was_training)
+
+
+def _quantized_nll(model: GPT, cfg: QuantConfig, calib: list[Tensor], val, windows, batch_size: int, device,
+                   timings: dict[str, float]) -> float:
+    """The NLL sum of `cfg`'s quantized model over `windows` of `val`; its wall times go into `timings`."""
+    t0 = time.perf_counter()
+    if cfg.kind == "dynamic":  # PyTorch's int8 kernels on a copy (check_dynamic ran: the device is the CPU)
+        qmodel = int8_dynamic(model)
+        t1 = time.perf_counter()
+        timings[f"{cfg.name}_convert_s"] = t1 - t0
+        nll_q, _ = nll_pass(qmodel, val, windows, batch_size=batch_size, device="cpu")
+        del qmodel
+    else:
+        with quantized(model, cfg, calib):
+            t1 = time.perf_counter()
+            timings["calib_s"] += t1 - t0
+            nll_q, _ = nll_pass(model, val, windows, batch_size=batch_size, device=device)
+    timings[f"{cfg.name}_s"] = time.perf_counter() - t1
+    return nll_q
 
 
 def evaluate_checkpoint(ckpt_dir: str | Path, *, data: str | None = None, quant: Sequence[str] | str = ("w8a8",),

@@ -21,6 +21,17 @@ The protocol (the paper's repo, Qualcomm-AI-research/outlier-free-transformers, 
 During calibration the quantizers already quantize with their running estimate, as the paper's
 QuantizationManager does, so each quantizer is calibrated on the quantized values upstream of it.
 
+Real int8 ("int8-dynamic"): beside the simulated grid, PyTorch's own dynamic int8 kernels, the protocol of the
+public llama2.c softmax1 experiment: `torch.ao.quantization.quantize_dynamic(copy, {nn.Linear}, dtype=qint8)`
+on a deep copy of the model, on the CPU (fbgemm/x86, onednn or qnnpack). Every nn.Linear becomes a
+DynamicQuantizedLinear: int8 weights (symmetric, per tensor, min-max) and inputs quantized at run time, per
+forward call (one batch of windows), per tensor, asymmetric, on the 7-bit range [0, 127] those kernels use
+(reduce_range, which keeps their int16 accumulation from overflowing); the output is float. lm_head is an
+nn.Linear, so the logits matmul is int8 too (its int8 weight is a copy: the tied wte lookup stays float, as
+nn.Embedding has no dynamic kernel). Everything else stays float: attention scores and probabilities, the
+residual sums, LayerNorms, the gated variant's HeadGate. So it is not W8A8 (no static ranges, no quantized
+probabilities or residuals): a deployment path, reported beside the simulated grid, with its wall time.
+
 Differences from the paper's code, on purpose: its LayerNorm weights are also quantized and its attention
 scores (QK^T) are re-quantized before the softmax; here LayerNorm parameters stay float and scores are not
 quantized (the probabilities after the normaliser are, which is where softmax vs softmax1 differ). Its
@@ -31,8 +42,10 @@ as well as after it (the GELU output is c_proj's input).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -47,8 +60,10 @@ Tensor = torch.Tensor
 QUANT_FORMAT = (
     "w<bits>a<bits> with bits 2..16 (e.g. w8a8, w4a8, w8a6, w16a16), optionally followed by -pc "
     "(per-channel weights), -mse (MSE-optimal weight range), -p<pct> (activation percentile clipping, "
-    "e.g. -p99.99), -noemb (keep position embeddings FP), -nohead (keep lm_head/wte and logits FP)"
+    "e.g. -p99.99), -noemb (keep position embeddings FP), -nohead (keep lm_head/wte and logits FP); or "
+    "int8-dynamic (PyTorch's real dynamic int8 linear kernels, CPU)"
 )
+INT8_DYNAMIC = "int8-dynamic"
 
 
 @dataclass(frozen=True)
@@ -62,14 +77,17 @@ class QuantConfig:
     embeddings: bool = True  # quantize the position embedding table
     head: bool = True  # quantize lm_head (tied to wte): weight, input and logits
     momentum: float = 0.9  # running min-max: new = (1 - m) * batch + m * old
+    kind: str = "simulated"  # "simulated": fake quantization (this module's grids); "dynamic": PyTorch's int8 kernels
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def parse_quant(spec: str) -> QuantConfig:
-    """"w8a8", "w4a8-pc", "w8a8-mse-p99.99", ... -> QuantConfig; QuietError (one line) otherwise."""
+    """"w8a8", "w4a8-pc", "w8a8-mse-p99.99", "int8-dynamic", ... -> QuantConfig; QuietError (one line) otherwise."""
     s = spec.strip().lower()
+    if s == INT8_DYNAMIC:  # fixed by PyTorch's kernels: int8 weights per tensor, dynamic activations, head included
+        return QuantConfig(name=s, w_bits=8, a_bits=8, embeddings=False, head=True, kind="dynamic")
     m = re.fullmatch(r"w(\d+)a(\d+)((?:-[a-z0-9.]+)*)", s)
     bad = QuietError(f"unknown quant config {spec!r}; use {QUANT_FORMAT}")
     if not m:
@@ -287,3 +305,39 @@ def quantized(model: GPT, cfg: QuantConfig, calibration: Iterable[Tensor]) -> It
             for (_, p), w in zip(params, saved, strict=True):
                 p.copy_(w)
         model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- real int8 (PyTorch's kernels)
+
+
+def quantized_engines() -> list[str]:
+    """The quantized CPU engines of this torch build (torch.backends.quantized.supported_engines without "none")."""
+    return [e for e in torch.backends.quantized.supported_engines if e != "none"]
+
+
+def check_dynamic(cfg: QuantConfig, device: str | torch.device) -> None:
+    """QuietError (one line, naming the config and the fix) unless PyTorch's dynamic int8 kernels run here: they
+    exist for the CPU only, and only in a torch build with a quantized engine."""
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        raise QuietError(f"quant config {cfg.name} runs PyTorch's dynamic int8 kernels, which exist for the CPU only, "
+                         f"not {dev}; measure with --device cpu, or leave {cfg.name} out of --quant")
+    if not quantized_engines():
+        raise QuietError(f"quant config {cfg.name} needs a quantized engine (fbgemm, x86, onednn or qnnpack) and this "
+                         f"torch build has none; install a standard torch build, or leave {cfg.name} out of --quant")
+
+
+def int8_dynamic(model: GPT) -> GPT:
+    """A deep copy of `model` on the CPU, in eval mode, whose every nn.Linear (lm_head included) is PyTorch's
+    DynamicQuantizedLinear (quantize_dynamic, qint8); `model` itself is untouched. Call check_dynamic first."""
+    from torch.ao.quantization import quantize_dynamic
+
+    qmodel = copy.deepcopy(model).to("cpu").eval()
+    # torch marks torch.ao.quantization deprecated in favour of torchao (a separate package, not a quietgpt
+    # dependency; its notice says "removed in 2.10", yet 2.13 still ships it): quantize_dynamic still runs the
+    # fbgemm/x86/onednn/qnnpack int8 kernels the llama2.c experiment used, so keep it, and keep its two
+    # deprecation notices (the API, the quantized tensor types) off the one-line CLI.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
+        return quantize_dynamic(qmodel, {nn.Linear}, dtype=torch.qint8, inplace=True)

@@ -149,12 +149,19 @@ def _quant_metrics(quant: Sequence[str]) -> list[Metric]:
             return pq / fp if fp and pq else None
         return read
 
-    return [*(Metric(f"ppl_{q}", f"perplexity ({q})", "perplexity", f"perplexity with simulated {q} "
-                     "quantization of weights and activations (quant.py; activation ranges calibrated on "
-                     "training batches), on the same tokens as the FP perplexity", BONDARENKO, "eval",
-                     read=ppl(q), headline=i == 0) for i, q in enumerate(quant)),
+    def how(q: str) -> tuple[str, str]:  # (what the perplexity is of, whose protocol)
+        if q == "int8-dynamic":  # quant.int8_dynamic: real kernels, not the simulated grid
+            return ("with PyTorch's dynamic int8 linear kernels (quantize_dynamic on every nn.Linear, lm_head "
+                    "included: int8 weights, activations quantized per forward call; attention and residuals "
+                    "float)", "PyTorch quantize_dynamic, as in the llama2.c softmax1 experiment")
+        return (f"with simulated {q} quantization of weights and activations (quant.py; activation ranges "
+                "calibrated on training batches)", BONDARENKO)
+
+    return [*(Metric(f"ppl_{q}", f"perplexity ({q})", "perplexity", f"perplexity {how(q)[0]}, on the same tokens "
+                     "as the FP perplexity", how(q)[1], "eval", read=ppl(q), headline=i == 0)
+              for i, q in enumerate(quant)),
             *(Metric(f"ppl_ratio_{q}", f"{q} / FP perplexity", "ratio", f"ppl_{q} / ppl: the quantization "
-                     "penalty (1 = none)", BONDARENKO, "eval", read=ratio(q), headline=i == 0)
+                     "penalty (1 = none)", how(q)[1], "eval", read=ratio(q), headline=i == 0)
               for i, q in enumerate(quant))]
 
 

@@ -67,7 +67,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     try:
         if d.master:
             lock.acquire()
-        run = setup_run(cfg, device, d, resume=resume)
+        run = setup_run(cfg, device, d, resume=resume, progress=progress)
         summary = _loop(run, progress=progress and d.master, t_start=t_start)
         finished = True
         return summary
