@@ -276,3 +276,22 @@ def test_a_study_crossing_variants_with_optimizers(tmp_path):
     assert {c["a"] for c in results["comparisons"]} == {"softmax1+adamw", "softmax+muon", "softmax1+muon"}
     # Muon moves the hidden matrices differently: the same seed's runs part ways
     assert rows["softmax+muon"]["val_loss"] != rows["softmax+adamw"]["val_loss"]
+
+
+def test_a_run_under_init_is_recognised_though_its_config_json_holds_the_pretrained_architecture(tmp_path):
+    """--init writes the pretrained model's architecture (and the variant's swap settings) into config.json;
+    the study's own config, which does not know them, must still see the run as its own (and resume it)."""
+    from quietgpt.config import load_config
+    from quietgpt.pretrained import resolve_config
+    from quietgpt.study.run import _same_config
+
+    cfg = load_config("default", {"train.init": "hf:/somewhere", "model.attention": "sink",
+                                  "train.out_dir": str(tmp_path)})
+    arch = {**cfg.model.to_dict(), "n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 64, "vocab_size": 99}
+    resolved, changes = resolve_config(cfg, arch)
+    assert any("sink_init" in c for c in changes)
+    (tmp_path / "config.json").write_text(json.dumps(resolved.to_dict()))
+    assert _same_config(tmp_path, cfg)
+    other = load_config("default", {"train.init": "hf:/somewhere", "model.attention": "sink",
+                                    "train.learning_rate": "3e-4", "train.out_dir": str(tmp_path)})
+    assert not _same_config(tmp_path, other)  # a setting the pretrained model does not set still counts

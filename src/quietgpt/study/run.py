@@ -93,11 +93,17 @@ def _same_config(run_dir: Path, cfg) -> bool:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     want = cfg.to_dict()
-    # training sets model.vocab_size from the data's tokenizer, so that one field is not the study's to check
-    # (and the folder may be named by another path to the same place)
-    ignore = {"model": "vocab_size", "train": "out_dir"}
-    return all({k: v for k, v in (saved.get(sec) or {}).items() if k != ignore.get(sec)}
-               == {k: v for k, v in want[sec].items() if k != ignore.get(sec)} for sec in want)
+    # training sets model.vocab_size from the data's tokenizer, and with train.init the architecture (and the
+    # variant's swap settings) from the pretrained model, so those are not the study's to check; the folder
+    # may be named by another path to the same place
+    ignore = {"model": {"vocab_size"}, "train": {"out_dir"}}
+    if cfg.train.init:
+        from ..pretrained import FROM_PRETRAINED, SWAP_INITS
+
+        rule = SWAP_INITS.get(cfg.model.attention)
+        ignore["model"] |= {*FROM_PRETRAINED, *(rule.config if rule is not None else ())}
+    return all({k: v for k, v in (saved.get(sec) or {}).items() if k not in ignore.get(sec, ())}
+               == {k: v for k, v in want[sec].items() if k not in ignore.get(sec, ())} for sec in want)
 
 
 def _train(cfg, run_dir: Path, progress: bool) -> dict:
