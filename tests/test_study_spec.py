@@ -121,3 +121,24 @@ def test_crossing_variants_with_optimizers():
         resolve_spec("default", optimizers=["adamw", "lion"])
     with pytest.raises(ConfigError, match=r"train\.optimizer is set per run"):
         resolve_spec("default", optimizers=["adamw", "muon"], overrides={"train.optimizer": "muon"})
+
+
+def test_settings_added_since_a_study_was_made_do_not_make_it_another_config():
+    """A study.json / result.json written before a setting existed lacks it: at its default it is the same
+    config (the study resumes), changed it is not."""
+    from quietgpt.study.run import run_config_record
+    from quietgpt.study.spec import differences, same_record
+
+    spec = resolve_spec("default", variants=["softmax", "sink"], seeds=1)
+    new = spec.to_dict()
+    old = {k: v for k, v in new.items() if k not in ("optimizers", "arms", "baseline_arm")}
+    old["run"] = {sec: {k: v for k, v in t.items() if k not in ("cuda_kernel", "optimizer", "init")}
+                  for sec, t in new["run"].items()}
+    assert differences(old, new) == []
+    changed = resolve_spec("default", variants=["softmax", "sink"], seeds=1, overrides={"model.cuda_kernel": "flash"})
+    assert differences(old, changed.to_dict()) == ["run.model.cuda_kernel"]
+    rec = run_config_record(spec, "sink", 0)
+    old_rec = {"run": {sec: {k: v for k, v in t.items() if k != "optimizer"} for sec, t in rec["run"].items()},
+               "measure": rec["measure"]}
+    assert same_record(old_rec, rec) and not same_record(None, rec)
+    assert not same_record(old_rec, run_config_record(changed, "sink", 0))

@@ -20,7 +20,7 @@ from ..atomic import atomic_write_json, atomic_write_text
 from ..errors import QuietError
 from ..stats import compare, summarize
 from .run import failed_row, run_config_record, run_name
-from .spec import StudySpec
+from .spec import StudySpec, same_record
 
 
 def machine_info(device: str) -> dict:
@@ -63,7 +63,7 @@ def _rows(study_dir: Path, spec: StudySpec, extra_rows: dict, old_rows: dict) ->
             r = _read(study_dir / "runs" / run_name(v, s) / "result.json")
             if r is not None:
                 made_with = r.pop("run_config", None)
-                if made_with is not None and made_with != run_config_record(spec, v, s):
+                if made_with is not None and not same_record(made_with, run_config_record(spec, v, s)):
                     r = failed_row(v, s, r.get("dir") or f"runs/{run_name(v, s)}", "this run's result is from "
                                    "another study config; rerun `quietgpt study` with this config to redo it")
             r = r or extra_rows.get((v, s)) or old_rows.get((v, s))

@@ -19,7 +19,7 @@ import numpy as np
 from ..atomic import atomic_write, atomic_write_json
 from ..errors import QuietError
 from ..registry import Metric, number
-from .spec import StudySpec
+from .spec import StudySpec, same_record
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -63,7 +63,7 @@ def finished(study_dir: Path, spec: StudySpec, variant: str, seed: int) -> dict 
         r = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if r.get("status") != "ok" or r.get("run_config") != run_config_record(spec, variant, seed):
+    if r.get("status") != "ok" or not same_record(r.get("run_config"), run_config_record(spec, variant, seed)):
         return None
     r.pop("run_config", None)
     return r

@@ -8,14 +8,17 @@ frozen, and `to_dict()` is what study.json records (a rerun compares it to refus
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..config import (
     SECTIONS,
+    DataConfig,
     RunConfig,
     StudyConfig,
+    TrainConfig,
     apply_overrides,
     load_config,
     read_toml,
@@ -24,6 +27,7 @@ from ..config import (
     tomllib,
 )
 from ..errors import ConfigError
+from ..model import GPTConfig
 from ..registry import Metric, study_metrics
 
 MEASURE_KEYS = ("quant", "n_sequences", "calib_batches", "eval_tokens")
@@ -124,7 +128,30 @@ def differences(old: Mapping, new: Mapping) -> list[str]:
     results: COMPARED_KEYS)."""
     a = _flat({k: old.get(k) for k in COMPARED_KEYS})
     b = _flat({k: new.get(k) for k in COMPARED_KEYS})
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _new_default(k, a, b, "run."))
+
+
+# A setting quietgpt added after a study was made is absent from its files; at its default it changes
+# nothing, so it does not make the old study (or run) another config.
+@functools.cache
+def _defaults() -> dict:
+    return {**_flat({"model": GPTConfig().to_dict(), "data": asdict(DataConfig()), "train": asdict(TrainConfig())}),
+            "optimizers": []}
+
+
+def _new_default(key: str, old: Mapping, new: Mapping, prefix: str) -> bool:
+    """Is `key` missing (or None) in the old flat dict and at its default in the new one?"""
+    bare = key[len(prefix):] if key.startswith(prefix) else key
+    return old.get(key) is None and bare in _defaults() and new.get(key) == _defaults()[bare]
+
+
+def same_record(old: Mapping | None, new: Mapping) -> bool:
+    """Does a run's stored run_config record (result.json) hold the same config as `new`, counting settings
+    added since (absent in the old record, at their default now) as the same?"""
+    if old is None:
+        return False
+    a, b = _flat(dict(old)), _flat(dict(new))
+    return all(a.get(k) == b.get(k) or _new_default(k, a, b, "run.") for k in set(a) | set(b))
 
 
 def _flat(d, prefix: str = "") -> dict:
