@@ -10,11 +10,9 @@ from quietgpt.config import (
     apply_overrides,
     load_config,
     parse_assignments,
-    preset_names,
-    preset_text,
-    read_toml,
 )
 from quietgpt.errors import ConfigError, QuietError
+from quietgpt.presets import preset_names, preset_text, read_toml
 from quietgpt.train import get_lr
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from quietgpt.cli import main
-from quietgpt.config import StudyConfig, load_config, study_preset_names
+from quietgpt.config import StudyConfig, load_config
 from quietgpt.errors import ConfigError
+from quietgpt.presets import study_preset_names
 from quietgpt.study import StudySpec, resolve_spec
 
 

@@ -95,7 +95,7 @@ def _run_config(args: argparse.Namespace, base, *, scale: bool = True):
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """List the shipped presets (training and study) with their descriptions, or print one as TOML."""
-    from .config import (
+    from .presets import (
         preset_description,
         preset_names,
         preset_text,
@@ -286,9 +286,65 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_eval(verb) -> None:
+    """The `eval` verb and its options."""
     from .data import user_cache_dir
 
+    p = verb("eval", help="measure kurtosis, infinity norms, abstention, perplexity, quantized perplexity")
+    p.add_argument("--checkpoint", help="a training output folder")
+    p.add_argument("--hf", help="a saved Hugging Face GPT-2 model folder instead of --checkpoint")
+    p.add_argument("--data", help="data source (default: the checkpoint's own)")
+    p.add_argument("--quant", default="w8a8", help="comma-separated quant configs, e.g. w8a8,w4a8 ('' for none)")
+    p.add_argument("--json", required=True, help="where to write the results")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--tokenizer", choices=["auto", "char", "byte", "gpt2"],
+                   help="with --hf: how to tokenise --data (default: gpt2 when the model has GPT-2's "
+                        "vocabulary, else auto)")
+    cache = str(user_cache_dir()).replace("%", "%%")
+    p.add_argument("--cache-dir", default="", help=f"with --hf: where to cache the tokenised data (default: {cache}, "
+                   "i.e. $QUIETGPT_CACHE, else $XDG_CACHE_HOME/quietgpt, else ~/.cache/quietgpt)")
+    p.add_argument("--n-sequences", type=int, default=64, help="validation windows for activation statistics")
+    p.add_argument("--calib-batches", type=int, default=16, help="training batches to calibrate quantization")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="picks the statistics windows and calibration batches")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(fn=cmd_eval)
+
+
+
+def _add_study(verb) -> None:
+    """The `study` verb and its options."""
+    p = verb("study", help="train variants over seeds, measure them, and write a report")
+    p.add_argument("--preset", default="default",
+                   help="study preset (see `quietgpt presets`) or a .toml file with a [study] table")
+    p.add_argument("--out", required=True, help="study folder")
+    p.add_argument("--variants", help="comma-separated attention variants (default: the study preset's)")
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the study preset's)")
+    p.add_argument("--baseline", help="the variant the others are compared with (default: the study preset's, "
+                   "softmax)")
+    p.add_argument("--optimizers", help="comma-separated optimizers (adamw, muon, orthoadam) to cross with the "
+                   "variants: one arm per variant+optimizer, compared with baseline+first optimizer (default: the "
+                   "study preset's; none = train.optimizer)")
+    p.add_argument("--data", help="data source (default: the study preset's)")
+    p.add_argument("--device", help="cpu, cuda, mps or auto (default: the study preset's)")
+    p.add_argument("--quant", help="comma-separated quantization sweep (default: the preset's, e.g. "
+                   "w8a8,w6a8,w4a8; '' for none)")
+    p.add_argument("--jobs", type=int,
+                   help="runs at a time: a local process pool (CPU threads split between runs, one GPU per run "
+                        "when there are several); default: one per CPU core on CPU, one per GPU on CUDA; "
+                        "with --launcher slurm, the array's parallelism (default 1)")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="where runs execute: this machine, or a SLURM job array via submitit (pip install "
+                        "'quietgpt[slurm]')")
+    p.add_argument("--force", action="store_true",
+                   help="accept a changed config in an existing study folder: runs whose config changed are redone")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a run config field for every run, e.g. --set model.n_layer=2 (repeatable)")
+    p.set_defaults(fn=cmd_study)
+
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quietgpt", formatter_class=_HelpFormatter,
         description="Train GPTs whose attention normaliser is a choice (softmax, softmax1, ...), measure their "
@@ -331,26 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.set_defaults(fn=cmd_sample)
 
-    p = verb("eval", help="measure kurtosis, infinity norms, abstention, perplexity, quantized perplexity")
-    p.add_argument("--checkpoint", help="a training output folder")
-    p.add_argument("--hf", help="a saved Hugging Face GPT-2 model folder instead of --checkpoint")
-    p.add_argument("--data", help="data source (default: the checkpoint's own)")
-    p.add_argument("--quant", default="w8a8", help="comma-separated quant configs, e.g. w8a8,w4a8 ('' for none)")
-    p.add_argument("--json", required=True, help="where to write the results")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    p.add_argument("--tokenizer", choices=["auto", "char", "byte", "gpt2"],
-                   help="with --hf: how to tokenise --data (default: gpt2 when the model has GPT-2's "
-                        "vocabulary, else auto)")
-    cache = str(user_cache_dir()).replace("%", "%%")
-    p.add_argument("--cache-dir", default="", help=f"with --hf: where to cache the tokenised data (default: {cache}, "
-                   "i.e. $QUIETGPT_CACHE, else $XDG_CACHE_HOME/quietgpt, else ~/.cache/quietgpt)")
-    p.add_argument("--n-sequences", type=int, default=64, help="validation windows for activation statistics")
-    p.add_argument("--calib-batches", type=int, default=16, help="training batches to calibrate quantization")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    p.add_argument("--seed", type=int, default=0, help="picks the statistics windows and calibration batches")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.set_defaults(fn=cmd_eval)
-
+    _add_eval(verb)
     p = verb("export", help="write a checkpoint as a Hugging Face model folder (softmax: a plain GPT-2)")
     p.add_argument("--checkpoint", required=True, help="a training output folder (or its best/)")
     p.add_argument("--hf", required=True, metavar="OUT", help="the folder to write (absent or empty)")
@@ -358,34 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="weights' dtype: float32, bfloat16 or float16")
     p.set_defaults(fn=cmd_export)
 
-    p = verb("study", help="train variants over seeds, measure them, and write a report")
-    p.add_argument("--preset", default="default",
-                   help="study preset (see `quietgpt presets`) or a .toml file with a [study] table")
-    p.add_argument("--out", required=True, help="study folder")
-    p.add_argument("--variants", help="comma-separated attention variants (default: the study preset's)")
-    p.add_argument("--seeds", type=int, help="number of seeds (default: the study preset's)")
-    p.add_argument("--baseline", help="the variant the others are compared with (default: the study preset's, "
-                   "softmax)")
-    p.add_argument("--optimizers", help="comma-separated optimizers (adamw, muon, orthoadam) to cross with the "
-                   "variants: one arm per variant+optimizer, compared with baseline+first optimizer (default: the "
-                   "study preset's; none = train.optimizer)")
-    p.add_argument("--data", help="data source (default: the study preset's)")
-    p.add_argument("--device", help="cpu, cuda, mps or auto (default: the study preset's)")
-    p.add_argument("--quant", help="comma-separated quantization sweep (default: the preset's, e.g. "
-                   "w8a8,w6a8,w4a8; '' for none)")
-    p.add_argument("--jobs", type=int,
-                   help="runs at a time: a local process pool (CPU threads split between runs, one GPU per run "
-                        "when there are several); default: one per CPU core on CPU, one per GPU on CUDA; "
-                        "with --launcher slurm, the array's parallelism (default 1)")
-    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
-                   help="where runs execute: this machine, or a SLURM job array via submitit (pip install "
-                        "'quietgpt[slurm]')")
-    p.add_argument("--force", action="store_true",
-                   help="accept a changed config in an existing study folder: runs whose config changed are redone")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a run config field for every run, e.g. --set model.n_layer=2 (repeatable)")
-    p.set_defaults(fn=cmd_study)
-
+    _add_study(verb)
     p = verb("report", help="rebuild a study's report from its results")
     p.add_argument("dir", help="study folder")
     p.set_defaults(fn=cmd_report)

@@ -21,13 +21,10 @@ from ..config import (
     TrainConfig,
     apply_overrides,
     load_config,
-    read_toml,
-    study_preset_names,
-    study_preset_text,
-    tomllib,
 )
 from ..errors import ConfigError
 from ..model import GPTConfig
+from ..presets import read_toml, study_preset_names, study_preset_text, tomllib
 from ..registry import Metric, study_metrics
 
 MEASURE_KEYS = ("quant", "n_sequences", "calib_batches", "eval_tokens")
