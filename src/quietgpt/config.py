@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, QuietError
 from .model import GPTConfig
+from .quant import parse_quant_list
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,6 +77,14 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "quietgpt"
+    # outliers through training (training/outliers.py): every outlier_interval steps (0 = never) the
+    # registry's trajectory metrics on outlier_sequences fixed validation windows; every outlier_quant_every-th
+    # time (0 = never) also the perplexity ratios of outlier_quant, calibrated on outlier_calib_batches
+    outlier_interval: int = 0
+    outlier_quant_every: int = 4
+    outlier_sequences: int = 8
+    outlier_quant: str = "w8a8,w4a8"
+    outlier_calib_batches: int = 2
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
@@ -92,9 +101,10 @@ class TrainConfig:
             raise ConfigError(f"train.backend must be auto, gloo or nccl, got {self.backend!r}")
         if self.learning_rate <= 0 or self.min_lr < 0:
             raise ConfigError("train.learning_rate must be > 0 and train.min_lr >= 0")
-        for name in ("threads", "warmup_iters", "max_nonfinite_skips"):
+        for name in ("threads", "warmup_iters", "max_nonfinite_skips", "outlier_interval", "outlier_quant_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+        self._check_outliers()
         if self.lr_decay_iters < 1:
             raise ConfigError(f"train.lr_decay_iters must be a positive integer, got {self.lr_decay_iters!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
@@ -103,6 +113,15 @@ class TrainConfig:
             raise ConfigError(f"train.beta1/beta2 must be in [0, 1), got {self.beta1!r}, {self.beta2!r}")
         if not self.out_dir.strip():
             raise ConfigError("train.out_dir is empty; pass --out DIR")
+
+    def _check_outliers(self) -> None:
+        for name in ("outlier_sequences", "outlier_calib_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
+        try:
+            parse_quant_list(self.outlier_quant)
+        except QuietError as e:
+            raise ConfigError(f"train.outlier_quant: {e}") from None
 
 
 @dataclass

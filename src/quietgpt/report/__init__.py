@@ -9,11 +9,13 @@ run's folder (metrics.jsonl, eval.json, attn_sample.npz) and writes:
     plots/unassigned_mass_<v>.png    attention mass left on "nothing", layer x head, one per null variant
     plots/quant_ppl.png              perplexity in floating point and across the quantization sweep
     plots/attention_maps.png         one sample's attention maps in the last layer, per variant
+    plots/trajectories.png           outliers through training per variant (studies with trajectories)
     report.md, report.html           question, setup, summary, comparisons with verdicts, plots, failures
 
 The package: plots.py (one function per figure), document.py (the blocks and their Markdown/HTML
-renderings); this module reads a study and writes everything. Nothing is trained or measured here, so
-`quietgpt report DIR` can rebuild everything at any time. The HTML embeds the PNGs as base64 data URIs,
+renderings), trajectories.py (the "Outliers through training" section); this module reads a study and
+writes everything. Nothing is trained or measured here, so `quietgpt report DIR` can rebuild everything at
+any time. The HTML embeds the PNGs as base64 data URIs,
 has no external CSS or JS (works offline and as an email attachment), and every string that came from
 data or configs goes through html.escape.
 """
@@ -41,6 +43,7 @@ from .plots import (
     plot_weight_kurtosis,
     safe_name,
 )
+from .trajectories import insert_section, trajectory_section
 
 # ----------------------------------------------------------------------------- reading a study
 
@@ -135,6 +138,9 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
     add("attention_maps.png", plot_attention_maps(data, variants, plot_dir / "attention_maps.png"),
         "Attention maps of one validation sample in the last layer, first seed of each variant.")
     blocks = build_document(results, plots)
+    section = trajectory_section(results, data, plot_dir)
+    blocks = insert_section(blocks, section)
+    plots = [(b[1], b[2]) for b in blocks if b[0] == "img"]  # in document order
     md_path, html_path = study_dir / "report.md", study_dir / "report.html"
     atomic_write_text(md_path, render_markdown(blocks))
     atomic_write_text(html_path, render_html(blocks, study_dir))
