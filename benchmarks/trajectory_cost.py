@@ -1,8 +1,9 @@
 """What do outlier trajectories (train.outlier_interval) cost, relative to training?
 
-Trains one run of a study preset's run config (default: the default study's, variant softmax1, seed 0) with
-and without trajectories, alternating the order each round in one process (the machine may be shared: both
-arms see the same load), and reports, per arm, the median over rounds of:
+Trains one run of a study preset's run config (default: the default study's, variant softmax1, seed 0; or
+a training preset's with --preset) with and without trajectories, alternating the order each round in one
+process (the machine may be shared: both arms see the same load), and reports, per arm, the median over
+rounds of:
 
   wall_s          the run's wall time (training, evals, checkpoints and, in the "on" arm, the trajectory)
   train_s         seconds in training steps alone (tokens / tokens_per_s of train()'s summary)
@@ -13,7 +14,8 @@ and the two ratios the budget (<= 10% of training time) is judged by:
   ratio           outlier_s / train_s of the "on" runs: the measurement's own cost (least noisy)
   ratio_wall      (wall_on - wall_off) / train_s_off: everything the trajectory adds to the run
 
-    python benchmarks/trajectory_cost.py --json trajectory_cost.json [--study default] [--rounds 2]
+    python benchmarks/trajectory_cost.py --json trajectory_cost.json [--study default | --preset default]
+        [--rounds 2] [--threads 1] [--max-iters N]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 from quietgpt.atomic import atomic_write_json
-from quietgpt.config import apply_overrides
+from quietgpt.config import apply_overrides, load_config
 from quietgpt.study import resolve_spec
 from quietgpt.train import train
 
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--study", default="default", help="study preset whose run config is timed")
+    ap.add_argument("--preset", help="time this training preset's run config instead of a study's")
     ap.add_argument("--variant", default="softmax1")
     ap.add_argument("--max-iters", type=int, help="shorten the run (the trajectory interval is kept)")
     ap.add_argument("--interval", type=int, help="train.outlier_interval of the 'on' arm (default: the preset's)")
@@ -55,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
-    spec = resolve_spec(args.study)
-    cfg = spec.run_config(args.variant, 0, "x")
+    if args.preset:
+        cfg = load_config(args.preset, {"model.attention": args.variant, "train.seed": 0})
+    else:
+        cfg = resolve_spec(args.study).run_config(args.variant, 0, "x")
     over = dict(s.split("=", 1) for s in args.set)
     if args.max_iters:
         over["train.max_iters"] = args.max_iters
@@ -81,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t = cfg.train
     res = {
-        "study": args.study, "variant": args.variant, "max_iters": t.max_iters, "outlier_interval": interval,
+        "study": None if args.preset else args.study, "preset": args.preset, "variant": args.variant,
+        "max_iters": t.max_iters, "outlier_interval": interval,
         "outlier_quant_every": t.outlier_quant_every, "outlier_sequences": t.outlier_sequences,
         "outlier_quant": t.outlier_quant, "outlier_calib_batches": t.outlier_calib_batches, "rounds": args.rounds,
-        "threads": torch.get_num_threads(), "loadavg_during": os.getloadavg(), "bench_s": time.perf_counter() - t0,
+        "threads": torch.get_num_threads(), "loadavg_at_end": os.getloadavg(), "bench_s": time.perf_counter() - t0,
         "off": {k: med("off", k) for k in ("wall_s", "train_s")},
         "on": {k: med("on", k) for k in ("wall_s", "train_s", "outlier_s", "points", "quant_points")},
         "runs": timings,

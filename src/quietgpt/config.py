@@ -19,7 +19,6 @@ from pathlib import Path
 
 from .errors import ConfigError, QuietError
 from .model import GPTConfig
-from .quant import parse_quant_list
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,9 +114,12 @@ class TrainConfig:
             raise ConfigError("train.out_dir is empty; pass --out DIR")
 
     def _check_outliers(self) -> None:
+        """The train.outlier_* settings: positive counts, and a quant list that quant.parse_quant_list reads."""
         for name in ("outlier_sequences", "outlier_calib_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
+        from .quant import parse_quant_list  # here, not at the top: config stays importable below quant
+
         try:
             parse_quant_list(self.outlier_quant)
         except QuietError as e:

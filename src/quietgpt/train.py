@@ -80,7 +80,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
 
 
 def _loop(run: TrainRun, *, progress: bool, t_start: float) -> dict:
-    """Train `run` from run.state to max_iters steps, evaluating and saving on schedule; the summary."""
+    """Train `run` from run.state to max_iters steps, measuring outliers, evaluating and saving on schedule;
+    the summary."""
     cfg, state, d = run.cfg, run.state, run.dist
     tc, parts, start = cfg.train, run.parts, state.iter
     log = RunLog(cfg, run.out, start=start, resume=run.resume, master=d.master, progress=progress)

@@ -89,7 +89,7 @@ def measure_outliers(model: GPT, val: np.ndarray, windows: Sequence[tuple[int, i
 
 
 class OutlierTracker:
-    """Rank 0's trajectory measurements of a run (see the module docstring); does nothing when
+    """Rank 0's trajectory measurements of a run (see the module docstring); measures nothing when
     train.outlier_interval is 0 or on other ranks. Call due(it) in the loop, then tracker(it)."""
 
     def __init__(self, model: GPT, dataset, tc: TrainConfig, block_size: int, device: torch.device, log: RunLog,
@@ -109,8 +109,9 @@ class OutlierTracker:
                                           device) if self.configs else [])
 
     def due(self, it: int) -> bool:
-        """Is the state after `it` steps (it < max_iters) a trajectory point? (The last state always is.)"""
-        return self.enabled and it % self.interval == 0
+        """Is the state after `it` steps (it < max_iters) a trajectory point? (The last state always is.) The
+        same answer on every rank: the loop's collectives around a point must match, though only rank 0 measures."""
+        return self.interval > 0 and it % self.interval == 0
 
     def quant_due(self, it: int) -> bool:
         """Does the point after `it` steps also measure the quantized ratios?"""
