@@ -178,12 +178,12 @@ def emergence(trajs: Mapping[tuple[str, int], Mapping[str, Sequence[tuple[int, f
             continue
         mean = seed_mean(curves)
         first, last = first_above(mean, threshold), max(mean)
-        when = (f"first exceeds {fmt(threshold)} at iteration {first} ({fmt(mean[first])})" if first is not None
+        when = (f"first exceeds {fmt(threshold)} at iteration {first} ({fmt(mean[first], 4)})" if first is not None
                 else f"never exceeds {fmt(threshold)} within {last} iterations")
         out.append({"variant": v, "metric": key, "threshold": threshold, "first_iter": first, "last_iter": last,
                     "last_value": mean[last], "n_seeds": len(curves),
                     "text": f"{v}: the {words} (`{key}`, mean over {len(curves)} seeds) {when}; "
-                            f"{fmt(mean[last])} at iteration {last}"})
+                            f"{fmt(mean[last], 4)} at iteration {last}"})
     if not out:
         out.append({"variant": None, "metric": key, "threshold": threshold, "first_iter": None,
                     "text": f"{words} (`{key}`): not in these runs' trajectories, so no statement about "
