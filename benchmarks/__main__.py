@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         r = run("measure_cost", ["--repeats", "1"] if a.quick else [], out)
         if r and "ratio" in r:
             table.append(("measurement", "full report / plain FP eval", f"{r['ratio']:.2f}x"))
+    if "trajectory_cost" not in skip:
+        quick = ["--max-iters", "50", "--rounds", "1"] if a.quick else []
+        r = run("trajectory_cost", ["--threads", "1", *quick], out)
+        if r and "ratio" in r:
+            table.append(("trajectories", f"default study run, a point every {r['outlier_interval']} iterations",
+                          f"{r['ratio'] * 100:.1f}% of training time"))
     if "study" not in skip and not a.quick:
         r = run("study", ["--out", str(out / "study")], out)
         if r and "wall_s" in r:

@@ -57,6 +57,7 @@ CLI_ROWS: dict[str, tuple[str, list[str]]] = {
     "unknown-tokenizer": ("unknown tokenizer", ["prepare", *S("data.tokenizer=bpe")]),
     "unknown-variant": ("unknown attention variant", ["train", "--attention", "softmax2"]),
     "unknown-nonfinite": ("unknown non-finite policy", ["train", *S("train.nonfinite=ignore")]),
+    "outlier-quant": ("unknown quant config for the trajectories", ["train", *S("train.outlier_quant=w8a8,int4")]),
     "unknown-device": ("unknown device", ["train", "--device", "tpu"]),
     "cuda-unavailable": ("CUDA asked for on a machine without it",
                          ["train", "--out", "{w}/new", "--device", "cuda", *S("data.cache_dir={w}/cache", *TINY)]),

@@ -44,6 +44,21 @@ def fake_eval(rng: np.random.Generator, variant: str, quant) -> dict:
     return {"weights": weights, "activations": acts, "attention": att, "perplexity": ppl}
 
 
+TRAJECTORY = (0, 5, 10, 15, 19)  # the fake runs' trajectory points; the quantized ratios at 0, 10 and 19
+
+
+def fake_outliers(variant: str, seed: int, it: int) -> dict:
+    """A trajectory point: softmax's W4A8 penalty grows past 1.1 at iteration 10 (seed mean 1.2), softmax1's
+    never does (below 1.05); first-token mass and weight kurtosis grow."""
+    k = 1 if variant == "softmax" else 3  # paired differences that vary by seed
+    row = {"first_token_mass_mean": 0.1 + it / 40 + k * seed / 100, "weight_kurtosis_max": 3 + it / 10 + seed / 100,
+           "unassigned_mass_mean": 0.0 if variant == "softmax" else 0.02 + seed / 100}
+    if it in (0, 10, 19):
+        row["ppl_ratio_w8a8"] = 1.0
+        row["ppl_ratio_w4a8"] = 1.0 + it / (50 if variant == "softmax" else 500) + k * seed / 1000
+    return row
+
+
 def make_fake_study(root: Path, variants=("softmax", "softmax1"), seeds=3, data="synthetic",
                     fail: tuple | None = None) -> dict:
     """A finished study folder with made-up run results (no training): what `quietgpt study` leaves."""
@@ -63,6 +78,7 @@ def make_fake_study(root: Path, variants=("softmax", "softmax1"), seeds=3, data=
                 log = [{"iter": i, "loss": 4.0 - i / 10 + rng.random() * 0.1, "lr": 1e-3} for i in range(0, 20, 2)]
                 log += [{"iter": i, "train_loss": 4 - i / 10, "val_loss": 4.1 - i / 10 + s * 0.01}
                         for i in (0, 10, 19)]
+                log += [{"iter": i, "outliers": fake_outliers(v, s, i), "outlier_s": 0.1} for i in TRAJECTORY]
                 (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n{\"iter\": 2")
                 probs = rng.random((N_LAYER, N_HEAD, T, T)) * np.tril(np.ones((T, T)))
                 probs /= probs.sum(-1, keepdims=True) * (1.25 if v != "softmax" else 1.0)
@@ -129,7 +145,8 @@ def test_report_from_fixed_results(tmp_path):
     names = [p.name for p in out["plots"]]
     assert names[0] == "forest.png"  # the first figure
     assert sorted(names) == sorted(["forest.png", "loss_curves.png", "weight_kurtosis.png", "activations.png",
-                                    "unassigned_mass.png", "quant_ppl.png", "attention_maps.png"])
+                                    "unassigned_mass.png", "quant_ppl.png", "attention_maps.png",
+                                    "trajectories.png"])
     for p in out["plots"]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = out["md"].read_text()
@@ -208,3 +225,32 @@ def test_report_on_missing_folder_is_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "quietgpt study" in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_shows_outliers_through_training(tmp_path):
+    from quietgpt.registry import mean_level
+
+    make_fake_study(tmp_path)
+    results = study.collect(tmp_path)
+    # per-run areas: the registry's mean level of each planted trajectory, summarised and compared paired
+    row = next(r for r in results["runs"] if (r["variant"], r["seed"]) == ("softmax", 1))
+    # hand: W4A8 points (0, 1.001), (10, 1.201), (19, 1.381): (10 * 2.202 / 2 + 9 * 2.582 / 2) / 19
+    assert row["auc_ppl_ratio_w4a8"] == pytest.approx((10 * 2.202 / 2 + 9 * 2.582 / 2) / 19)
+    assert row["auc_weight_kurtosis_max"] == pytest.approx(
+        mean_level([(i, 3 + i / 10 + 0.01) for i in TRAJECTORY]))
+    assert results["summary"]["auc_ppl_ratio_w4a8"]["softmax"]["n"] == 3
+    c = next(c for c in results["comparisons"] if c["metric"] == "auc_ppl_ratio_w4a8")
+    assert c["a"] == "softmax1" and c["diff_mean"] < 0
+    assert "auc_first_token_mass_mean" in (tmp_path / "results.csv").read_text().splitlines()[0]
+    # emergence: softmax's seed-mean W4A8 penalty crosses 1.1 at 10, softmax1's never; no sink rate was measured
+    em = {(e["metric"], e["variant"]): e for e in results["trajectories"]["emergence"]}
+    assert em["ppl_ratio_w4a8", "softmax"]["first_iter"] == 10
+    assert em["ppl_ratio_w4a8", "softmax1"]["first_iter"] is None
+    assert em["sink_rate", None]["first_iter"] is None
+    assert results["trajectories"]["order"][0] == "weight_kurtosis_max"  # registry order
+    out = report.write_report(tmp_path)
+    assert (tmp_path / "plots" / "trajectories.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = out["md"].read_text()
+    assert md.index("## Outliers through training") < md.index("## Plots")
+    assert "never exceeds 1.1 within 19 iterations" in md and "first exceeds 1.1 at iteration 10" in md
+    assert "(plots/trajectories.png)" in md

@@ -72,6 +72,12 @@ def test_micro_study_end_to_end(micro):
     assert all(c["n"] == (0 if c["metric"] == "gate_mean" else 2) for c in results["comparisons"])
     csv_lines = (out / "results.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 7
+    # trajectories: points at 0 and after the last step (5), their areas compared paired like the final metrics
+    assert all(isinstance(r["auc_weight_kurtosis_max"], float) and r["auc_ppl_ratio_w4a8"] > 0
+               for r in results["runs"])
+    assert {c["metric"] for c in results["comparisons"]} >= {"auc_weight_kurtosis_max", "auc_ppl_ratio_w4a8"}
+    assert {e["variant"] for e in results["trajectories"]["emergence"] if e["metric"] == "ppl_ratio_w4a8"} == {
+        "softmax", "softmax1", "sink"}
     # the report: every plot inline in a parseable HTML page
     imgs = []
 
@@ -82,7 +88,8 @@ def test_micro_study_end_to_end(micro):
 
     P().feed((out / "report.html").read_text())
     plots = sorted((out / "plots").glob("*.png"))
-    assert len(plots) == 7 and len(imgs) == 7  # incl. the forest plot and one unassigned-mass figure
+    # incl. the forest plot, one unassigned-mass figure and the trajectories (the default study carries them)
+    assert len(plots) == 8 and len(imgs) == 8 and (out / "plots" / "trajectories.png").is_file()
     assert all(src.startswith("data:image/png;base64,") for src in imgs)
 
 

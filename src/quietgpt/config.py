@@ -14,7 +14,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 
-from .errors import ConfigError
+from .errors import ConfigError, QuietError
 from .model import GPTConfig
 from .presets import read_toml
 
@@ -81,6 +81,14 @@ class TrainConfig:
     muon_lr: float = 0.02  # muon: the hidden matrices' peak rate (Keller Jordan's); the rest uses learning_rate
     muon_momentum: float = 0.95  # muon: Nesterov momentum
     orthoadam_max_dim: int = 4096  # orthoadam: tensor axes up to this size get a random orthogonal basis
+    # outliers through training (training/outliers.py): every outlier_interval steps (0 = never) the
+    # registry's trajectory metrics on outlier_sequences fixed validation windows; every outlier_quant_every-th
+    # time (0 = never) also the perplexity ratios of outlier_quant, calibrated on outlier_calib_batches
+    outlier_interval: int = 0
+    outlier_quant_every: int = 4
+    outlier_sequences: int = 8
+    outlier_quant: str = "w8a8,w4a8"
+    outlier_calib_batches: int = 2
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
@@ -97,9 +105,10 @@ class TrainConfig:
             raise ConfigError(f"train.backend must be auto, gloo or nccl, got {self.backend!r}")
         if self.learning_rate <= 0 or self.min_lr < 0:
             raise ConfigError("train.learning_rate must be > 0 and train.min_lr >= 0")
-        for name in ("threads", "warmup_iters", "max_nonfinite_skips"):
+        for name in ("threads", "warmup_iters", "max_nonfinite_skips", "outlier_interval", "outlier_quant_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+        self._check_outliers()
         if self.lr_decay_iters < 1:
             raise ConfigError(f"train.lr_decay_iters must be a positive integer, got {self.lr_decay_iters!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
@@ -126,6 +135,18 @@ class TrainConfig:
         if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.orthoadam_max_dim < 0:
             raise ConfigError("train.muon_lr must be > 0, train.muon_momentum in [0, 1) and "
                               "train.orthoadam_max_dim >= 0")
+
+    def _check_outliers(self) -> None:
+        """The train.outlier_* settings: positive counts, and a quant list that quant.parse_quant_list reads."""
+        for name in ("outlier_sequences", "outlier_calib_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
+        from .quant import parse_quant_list  # here, not at the top: config stays importable below quant
+
+        try:
+            parse_quant_list(self.outlier_quant)
+        except QuietError as e:
+            raise ConfigError(f"train.outlier_quant: {e}") from None
 
 
 @dataclass

@@ -10,6 +10,10 @@ is one entry here (plus, if it needs a new statistic, the collector in collector
 Sources: "eval" metrics are computed from `Measurement.to_dict()` (eval.json), "train" metrics from
 train()'s summary dict, "run" metrics are facts of the run itself (wall time), which the study records
 but never compares: they are properties of the machine, not effects of the attention variant.
+
+Trajectories: metrics flagged `trajectory` are also measured during training (training/outliers.py, every
+train.outlier_interval steps, from the same `value`); `auc_metrics` derives from each a "trajectory" metric,
+its mean level over training (`mean_level` of the points study/results.py reads from metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class Metric:
     study: bool = True  # a column of the study's rows
     compared: bool = True  # in the study's paired comparisons
     headline: bool = False  # in the terminal summaries
+    trajectory: bool = False  # also measured during training (train.outlier_interval; training/outliers.py)
 
     def value(self, ev: dict | None = None, summary: dict | None = None) -> float | None:
         """This metric of one run, from its eval JSON `ev` and its training summary; None when absent."""
@@ -161,7 +166,8 @@ def _quant_metrics(quant: Sequence[str]) -> list[Metric]:
                      "as the FP perplexity", how(q)[1], "eval", read=ppl(q), headline=i == 0)
               for i, q in enumerate(quant)),
             *(Metric(f"ppl_ratio_{q}", f"{q} / FP perplexity", "ratio", f"ppl_{q} / ppl: the quantization "
-                     "penalty (1 = none)", how(q)[1], "eval", read=ratio(q), headline=i == 0)
+                     "penalty (1 = none)", how(q)[1], "eval", read=ratio(q), headline=i == 0,
+                     trajectory=True)
               for i, q in enumerate(quant))]
 
 
@@ -227,12 +233,12 @@ def catalogue(quant: Sequence[str] = ("w8a8",), eval_tokens: int | None = None) 
         Metric("weight_kurtosis_mean", "weight kurtosis mean", "kurtosis", f"mean of {w}", BONDARENKO, "eval",
                select=BLOCK_WEIGHTS, field="kurtosis", reduce=MEAN),
         Metric("weight_kurtosis_max", "weight kurtosis max", "kurtosis", f"max of {w}", BONDARENKO, "eval",
-               select=BLOCK_WEIGHTS, field="kurtosis", reduce=MAX, headline=True),
+               select=BLOCK_WEIGHTS, field="kurtosis", reduce=MAX, headline=True, trajectory=True),
         Metric("weight_max_abs", "weight max |w|", "absolute value", "largest |w| over " + BLOCK_WEIGHTS.text,
                BONDARENKO, "eval", select=BLOCK_WEIGHTS, field="max_abs", reduce=MAX, study=False),
         Metric("act_inf_norm_max", "activation inf-norm max", "absolute value",
                "largest |activation| over " + ACTIVATIONS.text, BONDARENKO, "eval", select=ACTIVATIONS,
-               field="inf_norm_max", reduce=MAX, headline=True),
+               field="inf_norm_max", reduce=MAX, headline=True, trajectory=True),
         Metric("act_kurtosis_mean", "activation kurtosis mean", "kurtosis", "mean over the same sites and "
                "layers of the activation tensor's kurtosis (Pearson, pooled over the sampled sequences)",
                BONDARENKO, "eval", select=ACTIVATIONS, field="kurtosis", reduce=MEAN, headline=True),
@@ -242,17 +248,17 @@ def catalogue(quant: Sequence[str] = ("w8a8",), eval_tokens: int | None = None) 
         Metric("block_out_inf_norm_seq_mean_max", "block output inf-norm (sequence mean, layer max)",
                "absolute value", "per layer, the infinity norm of " + BLOCK_OUT.text + " per sequence, "
                "averaged over the sampled sequences; then the max over layers", BONDARENKO, "eval",
-               select=BLOCK_OUT, field="inf_norm_mean", reduce=MAX, study=False),
+               select=BLOCK_OUT, field="inf_norm_mean", reduce=MAX, study=False, trajectory=True),
         Metric("block_out_kurtosis_mean", "block output kurtosis mean", "kurtosis", "mean over layers of the "
                "kurtosis of " + BLOCK_OUT.text, BONDARENKO, "eval", select=BLOCK_OUT, field="kurtosis",
-               reduce=MEAN, study=False),
+               reduce=MEAN, study=False, trajectory=True),
         Metric("unassigned_mass_mean", "unassigned attention mass", "probability", "mean over layers, heads and "
                "query positions of 1 - sum of the attention weights (0 by construction for softmax)",
                "Miller 2023, Attention is off by one", "eval", higher_is_worse=None, select=HEADS,
-               field="unassigned_mass", reduce=MEAN, headline=True),
+               field="unassigned_mass", reduce=MEAN, headline=True, trajectory=True),
         Metric("first_token_mass_mean", "first-token attention mass", "probability", "mean over layers, heads "
                "and query positions of the attention weight on the first key", "Xiao et al. 2024, attention "
-               "sinks", "eval", select=HEADS, field="first_token_mass", reduce=MEAN, study=False),
+               "sinks", "eval", select=HEADS, field="first_token_mass", reduce=MEAN, study=False, trajectory=True),
         Metric("attention_entropy_mean", "attention entropy", "nats", "mean over layers, heads and query "
                "positions of the entropy of the attention distribution (keys plus 'nothing')", BONDARENKO,
                "eval", higher_is_worse=None, select=HEADS, field="entropy", reduce=MEAN, study=False),
@@ -276,3 +282,37 @@ def eval_summary(ev: dict, quant: Sequence[str], eval_tokens: int | None = None)
 def study_metrics(quant: Sequence[str], eval_tokens: int | None = None) -> dict[str, Metric]:
     """The metrics a study records per run, in report order."""
     return {k: m for k, m in catalogue(quant, eval_tokens).items() if m.study}
+
+
+# ----------------------------------------------------------------------------- trajectories
+
+
+def trajectory_metrics(quant: Sequence[str] = ("w8a8", "w4a8")) -> dict[str, Metric]:
+    """The eval metrics flagged `trajectory`, for a trajectory whose quantized points use these configs."""
+    return {k: m for k, m in catalogue(quant).items() if m.trajectory and m.source == "eval"}
+
+
+def mean_level(points: Sequence[tuple[float, float]] | None) -> float | None:
+    """The area under a trajectory [(iteration, value), ...] (trapezoid rule, points sorted by iteration,
+    non-finite values dropped) divided by the iteration span: the metric's mean level over training. One
+    point: its value; none: None."""
+    pts = sorted((float(i), v) for i, v in ((i, number(v)) for i, v in points or ()) if v is not None)
+    if len(pts) < 2:
+        return pts[0][1] if pts else None
+    xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+    span = xs[-1] - xs[0]
+    return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2) / span) if span > 0 else float(ys.mean())
+
+
+def auc_metrics(quant: Sequence[str] = ("w8a8", "w4a8")) -> dict[str, Metric]:
+    """auc_<key> for every trajectory metric: its mean_level over training, read from summary["trajectory"]
+    ({key: [(iteration, value), ...]}, study/results.py gathers it from metrics.jsonl); compared like the
+    final-step metrics, same direction."""
+    def read(key: str) -> Callable[[dict, dict], float | None]:
+        return lambda ev, s: mean_level((s.get("trajectory") or {}).get(key))
+
+    return {f"auc_{k}": Metric(
+        f"auc_{k}", f"{m.label}, mean over training", m.unit, f"area under the trajectory of {k} (measured every "
+        "train.outlier_interval iterations on fixed validation windows; trapezoid rule) divided by the "
+        "iteration span: its mean level over training", m.paper, "trajectory", m.higher_is_worse, read=read(k))
+        for k, m in trajectory_metrics(quant).items()}

@@ -14,7 +14,8 @@ Differences, each for a reason:
   consecutive share, so N ranks compute exactly the update one process computes with the same global
   batch (nanoGPT gives each rank its own seed, which makes the two incomparable).
 * Iteration i (0-based) is the i-th optimizer step; evals happen on the state after i steps when
-  i % eval_interval == 0, and after the last step. max_iters = 2000 means 2000 steps.
+  i % eval_interval == 0, and after the last step. max_iters = 2000 means 2000 steps. Outlier trajectory
+  points (train.outlier_interval > 0; training/outliers.py) likewise, when i % outlier_interval == 0.
 * No per-step host sync on accelerators: losses stay on the device and are read at log intervals.
   On CPU every step checks for non-finite values (free there: CPU work is synchronous).
 
@@ -25,6 +26,7 @@ short loop of calls over components that own their state):
     training.state         TrainState: everything resumable besides the model/optimizer/scaler state dicts
     training.step          train_step: one optimizer step; NonFiniteGuard: train.nonfinite's policy
     training.evaluate      Evaluator: estimate_loss on rank 0 + its metrics row
+    training.outliers      OutlierTracker: the registry's trajectory metrics every train.outlier_interval steps
     training.checkpointer  Checkpointer: what is saved when, in which order
     training.reporting     RunLog (metrics.jsonl, trackers, progress), Clock (training vs wall time)
     training.batches       the data and each rank's micro-batches
@@ -44,6 +46,7 @@ from .runfolder import RunLock
 from .training.checkpointer import Checkpointer
 from .training.distributed import setup_distributed, teardown_distributed
 from .training.evaluate import Evaluator
+from .training.outliers import OutlierTracker
 from .training.reporting import Clock, RunLog
 from .training.schedule import derive_seed, get_lr
 from .training.setup import TrainRun, setup_run
@@ -77,7 +80,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
 
 
 def _loop(run: TrainRun, *, progress: bool, t_start: float) -> dict:
-    """Train `run` from run.state to max_iters steps, evaluating and saving on schedule; the summary."""
+    """Train `run` from run.state to max_iters steps, measuring outliers, evaluating and saving on schedule;
+    the summary."""
     cfg, state, d = run.cfg, run.state, run.dist
     tc, parts, start = cfg.train, run.parts, state.iter
     log = RunLog(cfg, run.out, start=start, resume=run.resume, master=d.master, progress=progress)
@@ -91,15 +95,22 @@ def _loop(run: TrainRun, *, progress: bool, t_start: float) -> dict:
     guard = NonFiniteGuard(tc, parts.device, d, kept=saver.kept)
     evaluate = Evaluator(parts.eval_model, run.dataset, tc, cfg.model.block_size, parts.device, parts.amp, log,
                          master=d.master)
+    outliers = OutlierTracker(parts.base_model, run.dataset, tc, cfg.model.block_size, parts.device, log,
+                              master=d.master)
     try:
         for it in range(start, tc.max_iters):
-            # eval and checkpoint the state after `it` steps (skipped at the resume point: that checkpoint
-            # already exists and nothing changed since)
-            if it % tc.eval_interval == 0 and not (run.resume and it == start and it > 0):
+            # measure outliers, eval and checkpoint the state after `it` steps, in that order (so rows at a
+            # checkpoint's iteration precede it); skipped at the resume point: that checkpoint already exists
+            # and nothing changed since
+            due_eval, due_outliers = it % tc.eval_interval == 0, outliers.due(it)
+            if (due_eval or due_outliers) and not (run.resume and it == start and it > 0):
                 guard.check_deferred()  # never evaluate, let alone save, a state that went non-finite
                 clock.pause(state)
-                state.last_losses = evaluate(it)
-                saver.after_eval(state)
+                if due_outliers:
+                    outliers(it)
+                if due_eval:
+                    state.last_losses = evaluate(it)
+                    saver.after_eval(state)
                 clock.resume()
 
             lr = get_lr(it, tc)
@@ -125,6 +136,7 @@ def _loop(run: TrainRun, *, progress: bool, t_start: float) -> dict:
         guard.check_deferred()
         clock.pause(state)
         if not (run.resume and start == tc.max_iters and state.last_losses):
+            outliers(tc.max_iters)
             state.last_losses = evaluate(tc.max_iters)
             saver.after_eval(state, final=True)
     finally:

@@ -12,12 +12,13 @@ and each run's folder (metrics.jsonl, eval.json, attn_sample.npz) and writes:
                                      leave mass (null variants and clipped), one shared colour scale
     plots/quant_ppl.png              perplexity (y from 0) and the quantization penalty in percent
     plots/attention_maps.png         one sample's attention maps (its first positions) in the last layer
+    plots/trajectories.png           outliers through training per variant (studies with trajectories)
     report.md, report.html           answer, forest plot, effects table, failed runs; then, folded:
                                      setup, means, every verdict in full, the other figures, definitions
 
 The package: answer.py (the generated top-line answer and its thresholds), cells.py (how a number is
 printed), plots.py (one function per figure), document.py (the blocks and their Markdown/HTML
-renderings); this module reads a study and writes everything. Nothing is trained or measured here, so
+renderings), trajectories.py (the "Outliers through training" section); this module reads a study and writes everything. Nothing is trained or measured here, so
 `quietgpt report DIR` can rebuild everything at any time. The HTML embeds the PNGs as base64 data URIs,
 has no external CSS or JS (works offline and as an email attachment), and every string that came from
 data or configs goes through html.escape.
@@ -47,6 +48,7 @@ from .plots import (
     plot_unassigned_mass,
     plot_weight_kurtosis,
 )
+from .trajectories import insert_section, trajectory_section
 
 # ----------------------------------------------------------------------------- reading a study
 
@@ -163,6 +165,9 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
     for stale in set(plot_dir.glob("*.png")) - {study_dir / f for f, _ in shown}:
         stale.unlink(missing_ok=True)  # plots/ holds this report's figures only (not an older layout's)
     blocks = build_document(results, plots, forest)
+    section = trajectory_section(results, data, plot_dir)  # writes plots/trajectories.png when it has data
+    blocks = insert_section(blocks, section)
+    shown += [(b[1], b[2]) for b in section if b[0] == "img"]
     md_path, html_path = study_dir / "report.md", study_dir / "report.html"
     atomic_write_text(md_path, render_markdown(blocks))
     atomic_write_text(html_path, render_html(blocks, study_dir))

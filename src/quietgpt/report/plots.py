@@ -378,3 +378,52 @@ def plot_forest(panels: Sequence[dict], out: Path, baseline: str) -> bool:
                  "Green better, red worse.", fontsize=9)
     _save(fig, out)
     return True
+
+
+def _trajectory_curves(data: list[dict], variant: str, key: str) -> list[dict]:
+    """Per seed of `variant` with any, {iteration: value of `key`} from its metrics.jsonl outlier rows."""
+    curves = []
+    for d in data:
+        if d["variant"] != variant:
+            continue
+        c = {}
+        for row in d["log"]:
+            y = row.get("outliers", {}).get(key) if isinstance(row.get("outliers"), dict) else None
+            if isinstance(row.get("iter"), int) and isinstance(y, int | float) and math.isfinite(y):
+                c[row["iter"]] = float(y)
+        if c:
+            curves.append(c)
+    return curves
+
+
+def plot_trajectories(data: list[dict], variants: Sequence[str], metrics: Sequence[tuple[str, str]], out: Path,
+                      thresholds: dict[str, float] | None = None) -> bool:
+    """Outliers through training: one panel per (metric key, title) in `metrics`, one line per variant (mean
+    over seeds, band = min..max) against the iteration, from the outlier rows of each run's metrics.jsonl
+    ({"iter", "outliers": {key: value}}); a dashed line at a metric's emergence threshold. False (nothing
+    written) when no run has a trajectory point."""
+    colors = _colors(variants)
+    curves = {(key, v): _trajectory_curves(data, v, key) for key, _ in metrics for v in variants}
+    shown = [(key, title) for key, title in metrics if any(curves[key, v] for v in variants)]
+    if not shown:
+        return False
+    plt = _plt()
+    cols = min(3, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, shown):
+        for v in variants:
+            _band(ax, curves[key, v], v, colors[v])
+        if thresholds and key in thresholds:
+            ax.axhline(thresholds[key], color="0.4", ls="--", lw=1, label=f"threshold {thresholds[key]:g}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Outliers through training (fixed validation windows; mean over seeds, band = min..max)",
+                 fontsize=10)
+    fig.tight_layout()
+    _save(fig, out)
+    return True

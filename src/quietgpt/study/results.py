@@ -3,6 +3,11 @@
 results.json holds the study config, the machine, the wall time, the metrics' descriptions (from the
 registry), every run's row, the summary (mean and 95% CI per metric and variant) and the paired
 comparisons against the baseline (stats.py). `quietgpt report DIR` rebuilds it from the run folders.
+
+Trajectories (runs trained with train.outlier_interval > 0): each run's outlier rows in metrics.jsonl become
+per-run values auc_<metric> (registry.auc_metrics: the mean level over training), summarised and compared
+paired like the final-step metrics, and results.json's "trajectories" says, per variant, when the seed-mean
+trajectory first crossed each EMERGENCE threshold (or that it never did within the run).
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import io
 import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from ..atomic import atomic_write_json, atomic_write_text
 from ..errors import QuietError
-from ..stats import compare, summarize
+from ..quant import parse_quant_list
+from ..registry import Metric, auc_metrics, number, trajectory_metrics
+from ..stats import compare, fmt, summarize
 from .run import failed_row, run_config_record, run_name
 from .spec import StudySpec, same_record
 
@@ -80,7 +89,13 @@ def collect(study_dir: str | Path, spec: StudySpec | None = None, extra_rows: di
     spec = spec or load_spec(study_dir, old)
     old_rows = {(r["variant"], r["seed"]): r for r in old.get("runs", [])}
     rows = _rows(study_dir, spec, extra_rows or {}, old_rows)
-    metrics = spec.metrics
+    aucs = _auc_metrics(spec)
+    trajs = {(r["variant"], r["seed"]): read_trajectory(study_dir / r["dir"]) for r in rows
+             if aucs and r.get("status") == "ok" and r.get("dir")}
+    for r in rows:
+        if (r["variant"], r["seed"]) in trajs:
+            r.update({k: m.value({}, {"trajectory": trajs[r["variant"], r["seed"]]}) for k, m in aucs.items()})
+    metrics = {**spec.metrics, **aucs}
     results = {
         "config": spec.to_dict(),
         "machine": machine or old.get("machine") or machine_info(spec.device),
@@ -92,6 +107,8 @@ def collect(study_dir: str | Path, spec: StudySpec | None = None, extra_rows: di
         "comparisons": compare(rows, [k for k, m in metrics.items() if m.compared], spec.arms, spec.baseline_arm,
                                {k: m.label for k, m in metrics.items()}),
     }
+    if aucs:
+        results["trajectories"] = trajectory_summary(spec, trajs)
     atomic_write_json(study_dir / "results.json", results)
     atomic_write_text(study_dir / "results.csv", _csv(rows, list(metrics)))
     return results
@@ -105,3 +122,83 @@ def _csv(rows: Sequence[dict], metrics: Sequence[str]) -> str:
     for r in rows:
         w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
     return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- trajectories
+
+# (metric key, threshold, words): a variant "has" the problem once its seed-mean trajectory exceeds the threshold
+EMERGENCE = (("sink_rate", 0.3, "sink rate"), ("ppl_ratio_w4a8", 1.1, "W4A8 perplexity penalty"))
+
+
+def _trajectory_quant(spec: StudySpec) -> list[str]:
+    t = spec.run.train
+    return [c.name for c in parse_quant_list(t.outlier_quant)] if t.outlier_quant_every > 0 else []
+
+
+def _auc_metrics(spec: StudySpec) -> dict[str, Metric]:
+    """The auc_<metric> metrics of the study's trajectories; none when its runs measure none."""
+    return auc_metrics(_trajectory_quant(spec)) if spec.run.train.outlier_interval > 0 else {}
+
+
+def read_trajectory(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric key: [(iteration, value), ...] in iteration order} from the outlier rows of a run's metrics.jsonl
+    (training/outliers.py); {} when there are none. Of two rows at one iteration the later wins."""
+    points: dict[str, dict[int, float]] = {}
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                if isinstance(row, dict) and isinstance(row.get("iter"), int) and isinstance(row.get("outliers"), dict):
+                    for k, v in row["outliers"].items():
+                        if number(v) is not None:
+                            points.setdefault(k, {})[row["iter"]] = float(v)
+    return {k: sorted(p.items()) for k, p in points.items()}
+
+
+def seed_mean(curves: Sequence[Mapping[int, float]]) -> dict[int, float]:
+    """{iteration: mean over the curves that have a value there} of per-seed {iteration: value} curves."""
+    its = sorted({i for c in curves for i in c})
+    return {i: float(np.mean([c[i] for c in curves if i in c])) for i in its}
+
+
+def first_above(curve: Mapping[int, float], threshold: float) -> int | None:
+    """The first iteration at which `curve` ({iteration: value}) exceeds `threshold`; None if it never does."""
+    return next((i for i in sorted(curve) if curve[i] > threshold), None)
+
+
+def emergence(trajs: Mapping[tuple[str, int], Mapping[str, Sequence[tuple[int, float]]]], variants: Sequence[str],
+              key: str, threshold: float, words: str) -> list[dict]:
+    """Per variant with a trajectory of `key`: when its seed-mean first exceeds `threshold` ({variant, metric,
+    threshold, first_iter (None: never), last_iter, last_value, n_seeds, text}); one record with variant None
+    when no run measured `key`."""
+    out = []
+    for v in variants:
+        curves = [dict(t[key]) for (v2, _), t in sorted(trajs.items()) if v2 == v and t.get(key)]
+        if not curves:
+            continue
+        mean = seed_mean(curves)
+        first, last = first_above(mean, threshold), max(mean)
+        when = (f"first exceeds {fmt(threshold)} at iteration {first} ({fmt(mean[first], 4)})" if first is not None
+                else f"never exceeds {fmt(threshold)} within {last} iterations")
+        out.append({"variant": v, "metric": key, "threshold": threshold, "first_iter": first, "last_iter": last,
+                    "last_value": mean[last], "n_seeds": len(curves),
+                    "text": f"{v}: the {words} (`{key}`, mean over {len(curves)} seeds) {when}; "
+                            f"{fmt(mean[last], 4)} at iteration {last}"})
+    if not out:
+        out.append({"variant": None, "metric": key, "threshold": threshold, "first_iter": None,
+                    "text": f"{words} (`{key}`): not in these runs' trajectories, so no statement about "
+                            f"exceeding {fmt(threshold)}"})
+    return out
+
+
+def trajectory_summary(spec: StudySpec, trajs: Mapping[tuple[str, int], Mapping]) -> dict:
+    """results.json's "trajectories": how they were measured, the metrics they hold (registry descriptions, in
+    registry order) and the emergence statements."""
+    t = spec.run.train
+    metrics = trajectory_metrics(_trajectory_quant(spec))
+    present = {k for tr in trajs.values() for k in tr}
+    return {"interval": t.outlier_interval, "quant_every": t.outlier_quant_every, "sequences": t.outlier_sequences,
+            "quant": _trajectory_quant(spec), "calib_batches": t.outlier_calib_batches,
+            "metrics": {k: m.describe() for k, m in metrics.items() if k in present},
+            "order": [k for k in metrics if k in present],  # JSON objects are written with sorted keys
+            "emergence": [e for key, thr, words in EMERGENCE for e in emergence(trajs, spec.variants, key, thr, words)]}

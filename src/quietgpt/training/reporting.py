@@ -22,8 +22,8 @@ __all__ = ["Clock", "MetricsLog", "RunLog", "Trackers"]
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, appended and flushed as rows come. On resume from the
     checkpoint after N steps, rows written after it (by a run that then died) are dropped first: all rows
-    with iter > N, and the step rows with iter == N (eval rows at N came before the checkpoint). So the
-    file reads as if the run had never stopped."""
+    with iter > N, and the step rows with iter == N (eval and outlier rows at N came before the checkpoint).
+    So the file reads as if the run had never stopped."""
 
     def __init__(self, path: Path, *, resume_from: int | None, enabled: bool):
         self.path, self.enabled, self._f = path, enabled, None
@@ -38,7 +38,8 @@ class MetricsLog:
                     continue  # a line cut short by a kill
                 if not (isinstance(row, dict) and isinstance(row.get("iter"), int)):
                     continue
-                if row["iter"] < resume_from or (row["iter"] == resume_from and "val_loss" in row):
+                before_save = "val_loss" in row or "outliers" in row  # written before the checkpoint at N
+                if row["iter"] < resume_from or (row["iter"] == resume_from and before_save):
                     kept.append(line + "\n")
         atomic_write_text(path, "".join(kept))
         self._f = open(path, "a", encoding="utf-8")  # closed by close(): lives as long as the run
@@ -100,7 +101,8 @@ class RunLog:
     succeeded: on resume it cuts metrics.jsonl back to the resume point (MetricsLog).
 
     Rows: evals {"iter", "train_loss", "val_loss"}, steps {"iter", "loss", "lr", "grad_norm",
-    "tokens_per_s"}, skips {"iter", "nonfinite_skip"} (metrics.jsonl only).
+    "tokens_per_s"}, outliers {"iter", "outliers": {metric key: value}, "outlier_s"} (training/outliers.py;
+    mirrored to the trackers as "outliers/<key>"), skips {"iter", "nonfinite_skip"} (metrics.jsonl only).
     """
 
     def __init__(self, cfg: RunConfig, out: Path, *, start: int, resume: bool, master: bool, progress: bool):
@@ -118,6 +120,11 @@ class RunLog:
         """The eval of the state after `it` steps."""
         self.row({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
         self.bar.note(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+
+    def outliers(self, it: int, values: dict[str, float], seconds: float) -> None:
+        """The trajectory point of the state after `it` steps: registry metric values, measured in `seconds`."""
+        self.metrics.write({"iter": it, "outliers": values, "outlier_s": seconds})
+        self.trackers.log({"iter": it, **{f"outliers/{k}": v for k, v in values.items()}})
 
     def step(self, it: int, loss: float, lr: float, grad_norm: torch.Tensor | float, tok_s: float) -> None:
         """Step `it`'s numbers (rank 0; reading grad_norm waits for the device)."""
