@@ -18,8 +18,9 @@ and each run's folder (metrics.jsonl, eval.json, attn_sample.npz) and writes:
 
 The package: answer.py (the generated top-line answer and its thresholds), cells.py (how a number is
 printed), plots.py (one function per figure), document.py (the blocks and their Markdown/HTML
-renderings), trajectories.py (the "Outliers through training" section); this module reads a study and writes everything. Nothing is trained or measured here, so
-`quietgpt report DIR` can rebuild everything at any time. The HTML embeds the PNGs as base64 data URIs,
+renderings), trajectories.py (the "Outliers through training" section); this module reads a study and
+writes everything. Nothing is trained or measured here, so `quietgpt report DIR` can rebuild everything
+at any time. The HTML embeds the PNGs as base64 data URIs,
 has no external CSS or JS (works offline and as an email attachment), and every string that came from
 data or configs goes through html.escape.
 """
