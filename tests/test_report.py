@@ -165,7 +165,7 @@ def test_html_is_self_contained_and_has_every_plot(tmp_path):
     parser.feed(out["html"].read_text())
     parser.close()
     assert parser.scripts == 0 and parser.links == 0  # nothing to fetch: works offline
-    assert len(parser.imgs) == len(out["plots"]) == 7
+    assert len(parser.imgs) == len(out["plots"]) == 8  # the fake study carries trajectories
     import base64
 
     for img, path in zip(parser.imgs, out["plots"], strict=True):
@@ -251,6 +251,6 @@ def test_report_shows_outliers_through_training(tmp_path):
     out = report.write_report(tmp_path)
     assert (tmp_path / "plots" / "trajectories.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = out["md"].read_text()
-    assert md.index("## Outliers through training") < md.index("## Plots")
+    assert md.index("## Effects against") < md.index("## Outliers through training") < md.index("<details>")
     assert "never exceeds 1.1 within 19 iterations" in md and "first exceeds 1.1 at iteration 10" in md
     assert "(plots/trajectories.png)" in md

@@ -184,9 +184,9 @@ def test_html_opens_with_the_answer_and_forest_and_folds_the_details(tmp_path):
     forest = ev.index(("figure", "fig-forest", 0))
     assert answer < forest < first_table  # the answer and the forest plot come before any table
     assert ev[0] == ("h2", "answer", 0)
-    # everything but the effects table (and failed runs) is folded
+    # everything but the effects table, the outliers through training (and failed runs) is folded
     unfolded = [e for e in ev if e[2] == 0 and e[0] in ("table", "figure")]
-    assert unfolded == [("figure", "fig-forest", 0), ("table", None, 0)]
+    assert unfolded == [("figure", "fig-forest", 0), ("table", None, 0), ("figure", "fig-trajectories", 0)]
     assert sum(e[0] == "details" for e in ev) == 5
     # the full verdict sentences are only inside <details>
     outside = " ".join(page.outside)
@@ -203,8 +203,8 @@ def test_markdown_has_the_same_order_and_no_raw_entities(tmp_path):
     md_order = [md.index(s) for s in ("## Answer", "plots/forest.png", "## Per fix", "## Effects", "<details>")]
     assert md_order == sorted(md_order)
     # the same sections in the same order in both renderings (both come from document.py's blocks)
-    heads = ["Answer", "Per fix", "Effects against softmax", "Setup", "Summary: mean", "Every comparison",
-             "Figures (", "Definitions"]
+    heads = ["Answer", "Per fix", "Effects against softmax", "<summary>Setup", "<summary>Summary: mean",
+             "<summary>Every comparison", "<summary>Figures (", "<summary>Definitions"]
     assert [md.index(h) for h in heads] == sorted(md.index(h) for h in heads)
     assert [html.index(h) for h in heads] == sorted(html.index(h) for h in heads)
     assert "&gt;" not in md and "--jobs > 1" in md  # readable as plain text; data '<tag' is still escaped

@@ -195,7 +195,7 @@ def test_bad_trajectory_settings_are_one_line_errors(key, value):
 
 
 def test_presets_carry_trajectories_that_end_on_a_quantized_point():
-    from quietgpt.config import preset_names
+    from quietgpt.presets import preset_names
     from quietgpt.study import resolve_spec
 
     runs = [load_config(p).train for p in preset_names()] + [resolve_spec(p).run.train

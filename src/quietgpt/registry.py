@@ -178,7 +178,7 @@ def _paper_metrics() -> list[Metric]:
         Metric("sink_rate", "sink rate (Sink_1^0.3)", "share", "Gu et al.'s Sink_1^eps, eps = 0.3: the share of "
                "(sequence, layer, head) whose alpha, the attention weight on the first key averaged over the "
                "first 64 query positions (position 0 included), exceeds eps; the mean over layers",
-               GU, "eval", select=SINK_LAYERS, field="sink_rate", reduce=MEAN, headline=True),
+               GU, "eval", select=SINK_LAYERS, field="sink_rate", reduce=MEAN, headline=True, trajectory=True),
         Metric("first_token_argmax_share", "first-token argmax share", "share", "the share of (sequence, layer, "
                "head, query position >= 1) whose largest attention weight is on the first key (Kaul et al.: "
                "heads 'attending maximally to the first token'); the mean over layers", KAUL, "eval",
@@ -186,7 +186,7 @@ def _paper_metrics() -> list[Metric]:
         Metric("massive_ratio_max", "massive activation ratio (layer max)", "ratio", "per layer, the largest "
                "|x| of the block output over its median |x|, each taken per sequence and averaged over the "
                "sampled sequences (Sun et al.'s top-1 and median curves); the max over layers", SUN, "eval",
-               select=MASSIVE_LAYERS, field="ratio", reduce=MAX),
+               select=MASSIVE_LAYERS, field="ratio", reduce=MAX, trajectory=True),
         Metric("massive_count", "massive activations per sequence", "count", "the number of block-output "
                "values with |x| > 100 and |x| > 1000 x the median |x| of their sequence's layer output (Sun et "
                "al.'s criterion), summed over layers, averaged over the sampled sequences", SUN, "eval",

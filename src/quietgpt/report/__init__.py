@@ -168,7 +168,8 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
     blocks = build_document(results, plots, forest)
     section = trajectory_section(results, data, plot_dir)  # writes plots/trajectories.png when it has data
     blocks = insert_section(blocks, section)
-    shown += [(b[1], b[2]) for b in section if b[0] == "img"]
+    at = 1 if forest else 0  # the section sits after the forest plot and before the folded figures
+    shown[at:at] = [(b[1], b[2]) for b in section if b[0] == "img"]
     md_path, html_path = study_dir / "report.md", study_dir / "report.html"
     atomic_write_text(md_path, render_markdown(blocks))
     atomic_write_text(html_path, render_html(blocks, study_dir))

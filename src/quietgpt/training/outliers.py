@@ -81,7 +81,7 @@ def measure_outliers(model: GPT, val: np.ndarray, windows: Sequence[tuple[int, i
                 nll_q, _ = nll_pass(model, val, windows, batch_size=batch, device=device)
             perplexity[qc.name] = ppl_of(nll_q, ntok)
         ev = {"weights": weight_stats(model)[0], "activations": collector.activation_rows(),
-              "attention": collector.attention_rows(), "perplexity": perplexity}
+              "attention": collector.attention_rows(), "perplexity": perplexity, **collector.papers()}
     finally:
         model.train(was_training)
     values = {k: m.value(ev) for k, m in metrics.items()}
