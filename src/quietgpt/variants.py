@@ -186,8 +186,6 @@ def variant_spec(variant: str) -> Variant:
     return VARIANT_SPECS[variant]
 
 
-
-
 def null_log_n(variant: str, n: float = 1.0, sink_logit: Tensor | None = None) -> Tensor | float | None:
     """The null entry's logit for `variant`: 0 for softmax1, log n for softmax_n, b_h (as (H, 1) so it
     broadcasts over (B, H, T)) for sink, None for variants without one."""
