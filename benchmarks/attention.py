@@ -9,6 +9,8 @@ deterministic: O(T) for a fused path, O(T^2) when the T x T probabilities are ke
 `peak_mb`, the allocator's peak during fwd+bwd; on CPU `peak_mb` is the peak resident-set growth of a
 fresh subprocess running one fwd+bwd (with --no-rss to skip it).
 Goal (issue 3/7): softmax1, softmax_n and sink fast paths <= 1.05x SDPA's time at T = 1024 and 2048.
+The later variants (softpick, outgate, sigmoid, kvbias) have rows too, with no goal: softpick and sigmoid
+have no fused kernel, their fast path is the O(T)-memory chunked pass (quietgpt/chunked.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from quietgpt.atomic import atomic_write_json
 
 A = importlib.import_module("quietgpt.attention")  # the module (the package exports a function of this name)
 
-VARIANTS = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated")
+VARIANTS = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated", "softpick", "outgate", "sigmoid",
+            "kvbias")
 
 
 def make_inputs(B, H, T, D, device, dtype, seed=0):
@@ -41,15 +44,22 @@ def make_inputs(B, H, T, D, device, dtype, seed=0):
     q, k, v = [torch.randn(B, H, T, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3)]
     extra = {
         "sink_logit": torch.zeros(H, device=device, requires_grad=True),
-        "gate": torch.rand(B, H, T, 1, generator=g).to(device, dtype),
+        "gate": torch.rand(B, H, T, 1, generator=g).to(device, dtype),  # gated: one gate per head
+        "gate_elementwise": torch.rand(B, H, T, D, generator=g).to(device, dtype),  # outgate's default mode
+        "kv_bias": tuple((torch.randn(H, D, generator=g) * 0.02).to(device).requires_grad_() for _ in range(2)),
     }
     return q, k, v, extra
+
+
+def _params(extra) -> list:
+    return [extra["sink_logit"], *extra["kv_bias"]]
 
 
 @functools.cache
 def options(name: str, path: str, kernel: str) -> A.AttentionOptions:
     """One row's attention options, built once: constructing them is not part of the timed call."""
-    return A.AttentionOptions(variant=name, n=2.0, path=path, cuda_kernel=kernel or "auto")
+    n = 2.0 if name == "softmax_n" else 1.0  # n belongs to softmax_n: other variants must leave it at 1
+    return A.AttentionOptions(variant=name, n=n, path=path, cuda_kernel=kernel or "auto")
 
 
 def run_once(name, path, q, k, v, extra):
@@ -64,9 +74,10 @@ def run_once(name, path, q, k, v, extra):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         chosen = f"sdpa-{kernel}" if kernel else "sdpa"
     else:
+        gate = {"gated": extra["gate"], "outgate": extra["gate_elementwise"]}.get(name)
         out, chosen = A._attention(q, k, v, options(name, path, kernel),
-                                   sink_logit=extra["sink_logit"] if name == "sink" else None,
-                                   gate=extra["gate"] if name == "gated" else None)
+                                   sink_logit=extra["sink_logit"] if name == "sink" else None, gate=gate,
+                                   kv_bias=extra["kv_bias"] if name == "kvbias" else None)
     out.backward(torch.ones_like(out))
     return chosen
 
@@ -138,7 +149,7 @@ def bench(args) -> dict:
             cands += [("sdpa", "fast:flash"), ("sdpa", "fast:cudnn"), ("sdpa", "fast:efficient")]
         for name in args.variants:
             cands.append((name, "auto"))
-            if device.startswith("cuda") and args.kernels and name in A.NULL_VARIANTS:
+            if device.startswith("cuda") and args.kernels and name in A.LSE_VARIANTS:
                 cands += [(name, "auto:flash"), (name, "auto:cudnn")]
             if T <= args.max_reference_T and name != "clipped":  # clipped's auto path *is* the reference
                 cands.append((name, "reference"))
@@ -148,7 +159,7 @@ def bench(args) -> dict:
             paths[c] = run_once(*c, q, k, v, extra)
         for _ in range(args.reps):  # interleaved: drift and noise hit every candidate alike
             for c in cands:
-                for t in (q, k, v, extra["sink_logit"]):
+                for t in (q, k, v, *_params(extra)):
                     t.grad = None
                 sync(device)
                 t0 = time.perf_counter()

@@ -14,7 +14,8 @@ from quietgpt.errors import ConfigError
 
 A = importlib.import_module("quietgpt.attention")  # the module: the package exports a function of this name
 
-VARIANTS = ["softmax", "softmax1", "softmax_n", "sink", "clipped", "gated"]
+VARIANTS = ["softmax", "softmax1", "softmax_n", "sink", "clipped", "gated", "softpick", "outgate", "sigmoid",
+            "kvbias"]
 
 
 def tiny(**kw) -> GPTConfig:
@@ -24,12 +25,17 @@ def tiny(**kw) -> GPTConfig:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("variant", ["softmax", "sink", "gated"])
-def test_parameter_count_hand_computed(bias, variant):
+@pytest.mark.parametrize("variant, extra", [
+    ("softmax", {}), ("sink", {}), ("gated", {}), ("softpick", {}), ("sigmoid", {}), ("kvbias", {}),
+    ("outgate", {}), ("outgate", {"gate_mode": "headwise"}), ("outgate", {"gate_mode": "constant"})])
+def test_parameter_count_hand_computed(bias, variant, extra):
     V, T, C, L, H = 37, 16, 16, 2, 2
-    model = GPT(tiny(bias=bias, attention=variant))
+    model = GPT(tiny(bias=bias, attention=variant, **extra))
     per_layer = 12 * C * C + 2 * C + (11 * C if bias else 0)
-    per_layer += {"sink": H, "gated": C + H}.get(variant, 0)  # gated: one Linear(head_dim -> 1) per head
+    per_layer += {"sink": H, "gated": C + H,  # gated: one Linear(head_dim -> 1) per head
+                  "kvbias": 2 * C,  # a key and a value of head_dim per head
+                  "outgate": {"elementwise": C * C + (C if bias else 0), "headwise": H * C + (H if bias else 0),
+                              "constant": H}[extra.get("gate_mode", "elementwise")]}.get(variant, 0)
     total = V * C + T * C + L * per_layer + C + (C if bias else 0)
     assert model.num_params(non_embedding=False) == total
     assert model.num_params() == total - T * C
@@ -187,6 +193,16 @@ def test_fast_and_reference_model_agree():
     (dict(cuda_kernel="triton"), "model.cuda_kernel 'triton' is unknown; choose one of auto, flash, cudnn"),
     (dict(attention="clipped", path="fast"), "clipped"),
     (dict(gate_init=1.0), "gate_init"),
+    (dict(attention="outgate", gate_mode="rowwise"),
+     "model.gate_mode 'rowwise' is unknown; choose one of elementwise, headwise, constant"),
+    (dict(gate_mode="headwise"), "model.gate_mode belongs to attention 'outgate', not 'softmax'"),
+    (dict(attention="sigmoid", softmax_n=2.0), "model.softmax_n belongs to attention 'softmax_n', not 'sigmoid'"),
+    (dict(attention="kvbias", sink_init=1.0), "model.sink_init belongs to attention 'sink'"),
+    (dict(attention="gated", clip_zeta=1.1), "model.clip_zeta belongs to attention 'clipped'"),
+    (dict(attention="sigmoid", sigmoid_bias="minus two"), "model.sigmoid_bias must be 'auto'"),
+    (dict(attention="sigmoid", sigmoid_bias="inf"), "model.sigmoid_bias must be 'auto'"),
+    (dict(attention="softpick", sigmoid_bias="-3"), "model.sigmoid_bias belongs to attention 'sigmoid'"),
+    (dict(attention="sigmoid", path="fast", dropout=0.1), "sigmoid's fast path has no attention dropout"),
 ])
 def test_config_validation(bad, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -200,6 +216,11 @@ def test_from_dict_rejects_unknown_keys():
         GPTConfig.from_dict({"n_layers": 3})
     cfg = tiny(attention="sink")
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    # a number given from Python is stored as text (the field's type), so config.json round-trips
+    cfg = tiny(attention="sigmoid", sigmoid_bias=-3)
+    assert cfg.sigmoid_bias == "-3.0" and cfg.attention_options().sigmoid_bias == -3.0
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    assert tiny(attention="sigmoid").attention_options().sigmoid_bias is None  # auto: -log T per call
 
 
 def test_hf_gpt2_logit_parity():
@@ -277,5 +298,5 @@ def test_compiles_to_one_graph_without_recompiling(variant, device):
     assert len(graphs) == 1
     assert torch.allclose(loss, eager_loss, atol=2e-2 if cuda else 1e-6)  # CUDA: eager runs cuDNN, bf16
     assert compiled_paths == [compiled_paths[0]] * 2 and compiled_paths[0] is not None
-    if cuda and variant in A.NULL_VARIANTS:
+    if cuda and variant in A.LSE_VARIANTS:
         assert compiled_paths[0] == "lse-flash-cuda"

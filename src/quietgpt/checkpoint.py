@@ -36,7 +36,7 @@ WEIGHTS, CONFIG, STATE, BEST = "model.safetensors", "config.json", "train_state.
 TIED = {"lm_head.weight": "transformer.wte.weight"}  # stored once, under the value's name
 # model settings that change the parameters' meaning or shapes: a resume must not change them
 ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "attention", "softmax_n",
-             "clip_gamma", "clip_zeta", "gelu")
+             "clip_gamma", "clip_zeta", "gate_mode", "sigmoid_bias", "gelu")
 
 
 # ----------------------------------------------------------------------------- saving

@@ -38,8 +38,9 @@ def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = "d
     p.add_argument("--data", help="data source: synthetic, shakespeare_char, a .txt file or folder, hf:NAME "
                                   "(default: the preset's)")
     if training:
-        p.add_argument("--attention", help="attention variant: softmax, softmax1, softmax_n, sink, clipped, gated "
-                                           "(default: the preset's)")
+        from .attention import VARIANTS
+
+        p.add_argument("--attention", help=f"attention variant: {', '.join(VARIANTS)} (default: the preset's)")
         p.add_argument("--seed", type=int, help="random seed (init, data order) (default: the preset's)")
         p.add_argument("--max-iters", type=int, metavar="N",
                        help="training iterations; also scales the preset's warmup_iters and lr_decay_iters by "
@@ -76,7 +77,11 @@ def _run_config(args: argparse.Namespace, base, *, scale: bool = True):
     from .config import RunConfig, apply_overrides, load_config, parse_assignments, scale_schedule, schedule_note
 
     sets = parse_assignments(args.set)
-    cfg = apply_overrides(base, sets) if isinstance(base, RunConfig) else load_config(base, sets)
+    # --attention goes in with the --set values (unless one sets model.attention itself), so that a variant's
+    # own options (--attention outgate --set model.gate_mode=headwise) are checked against that variant
+    attention = getattr(args, "attention", None)
+    early = {**sets, "model.attention": attention} if attention and "model.attention" not in sets else sets
+    cfg = apply_overrides(base, early) if isinstance(base, RunConfig) else load_config(base, early)
     flags = {key: getattr(args, flag) for flag, key in _FLAGS
              if getattr(args, flag, None) is not None and key != "train.max_iters"}
     cfg = apply_overrides(cfg, flags)

@@ -17,6 +17,17 @@ T x T scores. Two exact paths follow (`null_path` picks one, `null_attention` ru
   with one null key prepended whose logit is exactly log n and whose value is 0. It is exact, supports
   dropout, and still never forms B x H x T x T scores (only a T x (T+1) boolean mask).
 
+The key/value bias ("kvbias", Sun et al. 2024) is softmax attention over [k'; keys] and [v'; values], one
+learned key k' and value v' per head, so its null logit s' = scale q.k' depends on the query. The same
+identity gives it exactly and cheaply: with LSE' = logaddexp(LSE, s'),
+
+    out = softmax(S) V * exp(LSE - LSE') + exp(s' - LSE') v'
+
+and the kernel's backward, handed LSE' and this output, gives dq, dk, dv of every real key (its
+rowsum(dO * O) term is the full row's); the bias column adds its own dS' = p' (dO.v' - rowsum(dO * O)),
+so dq += scale dS' k', dk' = scale sum_rows dS' q, dv' = sum_rows p' dO. Without an LSE kernel (or with
+dropout) it is SDPA over [k'; keys] itself, column 0 visible to every query (Sun et al.'s own code).
+
 A kernel is a class with `name`, `supports(q)`, `forward(q, k, v, is_causal, scale) -> (out, lse (B,H,T)
 fp32, aux)` and `backward(grad, q, k, v, out, lse, aux, is_causal, scale) -> (dq, dk, dv)`. Imports flow
 softmax <- kernels <- attention: this module knows nothing of variants or options.
@@ -215,6 +226,57 @@ def _constant(value: float, like: Tensor) -> Tensor:
     return t
 
 
+class _KVBiasLSEAttention(torch.autograd.Function):
+    """Softmax attention over [k'; keys], [v'; values] from a fused kernel's output and LSE; exact forward
+    and backward (the module docstring derives both). k_b, v_b: (H, D) and (H, Dv)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_b, v_b, is_causal, scale, kern):
+        out, lse, aux = kern.forward(q, k, v, is_causal, scale)
+        cd = lse.dtype
+        s_b = torch.linalg.vecdot(q.to(cd), k_b.to(cd).unsqueeze(1)) * scale  # the bias key's logit per query
+        lse_adj = torch.logaddexp(lse, s_b)
+        p_b = torch.exp(s_b - lse_adj)  # the weight on the bias key
+        keep = torch.exp(lse - lse_adj).unsqueeze(-1)
+        # out * keep + p' v' (a rank-one term per head), in the compute dtype
+        out_adj = torch.addcmul(out.to(cd) * keep, p_b.unsqueeze(-1), v_b.to(cd).unsqueeze(1)).to(out.dtype)
+        ctx.save_for_backward(q, k, v, k_b, v_b, out_adj, lse_adj, p_b)
+        ctx.aux, ctx.is_causal, ctx.scale, ctx.kern = aux, is_causal, scale, kern
+        return out_adj
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, k_b, v_b, out_adj, lse_adj, p_b = ctx.saved_tensors
+        if g.stride(-1) != 1:
+            g = g.contiguous()
+        dq, dk, dv = ctx.kern.backward(g, q, k, v, out_adj, lse_adj, ctx.aux, ctx.is_causal, ctx.scale)
+        cd = p_b.dtype
+        gc = g.to(cd)
+        rowsum = torch.linalg.vecdot(gc, out_adj.to(cd))  # the full row's rowsum(dO * O), as the kernel's
+        ds_b = p_b * (torch.linalg.vecdot(gc, v_b.to(cd).unsqueeze(1)) - rowsum)
+        dq = dq.addcmul_(ds_b.unsqueeze(-1).to(dq.dtype), k_b.to(dq.dtype).unsqueeze(1), value=ctx.scale)
+        dk_b = (ctx.scale * (ds_b.unsqueeze(-2) @ q.to(cd)).sum(0).squeeze(-2)).to(k_b.dtype)
+        dv_b = (p_b.unsqueeze(-2) @ gc).sum(0).squeeze(-2).to(v_b.dtype)
+        return dq, dk, dv, dk_b, dv_b, None, None, None
+
+
+def _prefix_mask(T: int, Tk: int, device) -> Tensor:
+    """Causal (T, Tk + 1) boolean mask whose column 0, a prepended key, every query sees."""
+    mask = torch.ones(T, Tk + 1, dtype=torch.bool, device=device).tril(diagonal=1)
+    mask[:, 0] = True
+    return mask
+
+
+def _kv_prefix_attention(q, k, v, k_b: Tensor, v_b: Tensor, is_causal: bool, scale: float,
+                         dropout_p: float) -> Tensor:
+    """SDPA over [k'; keys] and [v'; values]: the key/value bias as Sun et al.'s code computes it."""
+    B, H, T, _ = q.shape
+    k_aug = torch.cat([k_b.to(k.dtype).unsqueeze(1).expand(B, H, 1, -1), k], dim=2)
+    v_aug = torch.cat([v_b.to(v.dtype).unsqueeze(1).expand(B, H, 1, -1), v], dim=2)
+    mask = _prefix_mask(T, k.shape[2], q.device) if is_causal else None
+    return F.scaled_dot_product_attention(q, k_aug, v_aug, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
 def _prefix_attention(q, k, v, log_n: Tensor, is_causal: bool, scale: float, dropout_p: float) -> Tensor:
     """SDPA over [null key; keys] where the null key's logit is exactly log_n and its value is 0.
 
@@ -229,10 +291,7 @@ def _prefix_attention(q, k, v, log_n: Tensor, is_causal: bool, scale: float, dro
     k_null = torch.cat([k.new_zeros(B, H, 1, D), ln, k.new_zeros(B, H, 1, pad - 1)], dim=-1)
     k_aug = torch.cat([k_null, torch.cat([k, k.new_zeros(B, H, Tk, pad)], dim=-1)], dim=2)
     v_aug = torch.cat([v.new_zeros(B, H, 1, v.shape[-1]), v], dim=2)
-    mask = None
-    if is_causal:
-        mask = torch.ones(T, Tk + 1, dtype=torch.bool, device=q.device).tril(diagonal=1)
-        mask[:, 0] = True
+    mask = _prefix_mask(T, Tk, q.device) if is_causal else None
     return F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
@@ -257,3 +316,12 @@ def null_attention(path: str, q: Tensor, k: Tensor, v: Tensor, log_n: Tensor | f
     if path == "prefix":
         return _prefix_attention(q, k, v, ln, is_causal, scale, dropout_p)
     return _NullLSEAttention.apply(q, k, v, ln, is_causal, scale, _KERNEL_NAMED[path])
+
+
+def kv_bias_attention(path: str, q: Tensor, k: Tensor, v: Tensor, k_b: Tensor, v_b: Tensor, is_causal: bool,
+                      scale: float, dropout_p: float) -> Tensor:
+    """Softmax attention over [k'; keys], [v'; values] (k_b (H, D), v_b (H, Dv), learned per head) on
+    `path`, a name `null_path` returned: an LSE kernel's, or "prefix"."""
+    if path == "prefix":
+        return _kv_prefix_attention(q, k, v, k_b, v_b, is_causal, scale, dropout_p)
+    return _KVBiasLSEAttention.apply(q, k, v, k_b, v_b, is_causal, scale, _KERNEL_NAMED[path])

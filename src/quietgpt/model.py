@@ -3,10 +3,13 @@
 Everything but the attention core matches nanoGPT's model.py: token + learned position embeddings,
 pre-LayerNorm blocks, fused qkv projection, 4x GELU MLP, final LayerNorm, lm_head tied to the token
 embedding, optional biases, dropout, N(0, 0.02) init with residual projections scaled by
-1/sqrt(2 n_layer). Two variants add parameters: "sink" (one logit per head, in the attention core)
-and "gated" (a per-head sigmoid gate on each head's output, Bondarenko et al. 2023). GPTConfig's
-attention settings (attention, softmax_n, clip_*, dropout, path, cuda_kernel, sink_init) reach the core
-as one frozen AttentionOptions, built once per block by `GPTConfig.attention_options()`.
+1/sqrt(2 n_layer). Four variants add parameters: "sink" (one logit per head, in the attention core),
+"kvbias" (a key and a value per head, in the core), "gated" (a per-head sigmoid gate on each head's
+output, Bondarenko et al. 2023) and "outgate" (Qiu et al. 2025's G1 output gate: elementwise, headwise or
+a learned constant). GPTConfig's attention settings (attention, softmax_n, clip_*, sigmoid_bias, dropout,
+path, cuda_kernel, sink_init) reach the core as one frozen AttentionOptions, built once per block by
+`GPTConfig.attention_options()`. The options that belong to one variant (VARIANT_FIELDS) must stay at
+their defaults on every other variant: "set" means "differs from its default".
 
 Observation sites: nn.Identity taps through which activations pass. Forward hooks on them (see
 `GPT.observe`) read, or replace, activations without touching the forward; with no hook a tap costs
@@ -39,11 +42,15 @@ from torch import nn
 
 from .attention import CUDA_KERNELS, PATHS, VARIANTS, AttentionOptions, QuietAttention
 from .errors import ConfigError
+from .gates import GATE_MODES, HeadGate, OutputGate
 from .softmax import check_clip_params
 
 Tensor = torch.Tensor
 SITES = ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out", "attn_probs", "ln1_out", "ln2_out",
          "lnf_out", "attn_gate")
+# GPTConfig fields that belong to one variant: on any other they must keep their defaults
+VARIANT_FIELDS = {"softmax_n": "softmax_n", "clip_gamma": "clipped", "clip_zeta": "clipped", "gate_init": "gated",
+                  "sink_init": "sink", "gate_mode": "outgate", "sigmoid_bias": "sigmoid"}
 
 
 @dataclass
@@ -61,6 +68,8 @@ class GPTConfig:
     clip_zeta: float = 1.0  # clipped softmax's zeta (>= 1)
     gate_init: float = 0.25  # gated attention: the gate's value at init (sigmoid of its bias)
     sink_init: float = 0.0  # sink: the learned null logit b_h at init (0 = starts as softmax1)
+    gate_mode: str = "elementwise"  # outgate: elementwise | headwise | constant (Qiu et al.'s G1 gate)
+    sigmoid_bias: str = "auto"  # sigmoid: b, "auto" (-log T, T the call's sequence length) or a number
     path: str = "auto"  # attention path: auto | fast | reference
     cuda_kernel: str = "auto"  # CUDA LSE kernel: auto (cuDNN where it runs, flash when compiled) | flash | cudnn
     gelu: str = "none"  # GELU approximation: "none" (exact, nanoGPT) or "tanh" (HF GPT-2's gelu_new)
@@ -96,13 +105,30 @@ class GPTConfig:
             raise ConfigError(f"model.gelu must be 'none' or 'tanh', got {self.gelu!r}")
         if self.path == "fast" and self.attention == "clipped":
             raise ConfigError("model.path 'fast' is impossible for attention 'clipped'; use path = 'auto'")
+        self._check_variant_fields()
+        self.attention_options()  # what only the attention core checks (e.g. path "fast" with dropout)
+
+    def _check_variant_fields(self) -> None:
+        if self.gate_mode not in GATE_MODES:
+            raise ConfigError(f"model.gate_mode {self.gate_mode!r} is unknown; choose one of {', '.join(GATE_MODES)}")
+        if isinstance(self.sigmoid_bias, int | float) and not isinstance(self.sigmoid_bias, bool):
+            self.sigmoid_bias = repr(float(self.sigmoid_bias))  # a number given from Python: stored as text
+        if self.sigmoid_bias != "auto" and _finite(self.sigmoid_bias) is None:
+            raise ConfigError(f"model.sigmoid_bias must be 'auto' (-log T) or a finite number, "
+                              f"got {self.sigmoid_bias!r}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, owner in VARIANT_FIELDS.items():
+            if self.attention != owner and getattr(self, name) != defaults[name]:
+                raise ConfigError(f"model.{name} belongs to attention {owner!r}, not {self.attention!r}; "
+                                  f"leave it at its default ({defaults[name]!r}) or set model.attention = '{owner}'")
 
     def attention_options(self) -> AttentionOptions:
-        """The attention core's settings (variant, n, clip, dropout, path, CUDA kernel, sink init) as one
-        frozen AttentionOptions; every block's QuietAttention runs with these."""
+        """The attention core's settings (variant, n, clip, sigmoid bias, dropout, path, CUDA kernel, sink
+        init) as one frozen AttentionOptions; every block's QuietAttention runs with these."""
+        bias = None if self.sigmoid_bias == "auto" else _finite(self.sigmoid_bias)
         return AttentionOptions(variant=self.attention, n=self.softmax_n, gamma=self.clip_gamma,
                                 zeta=self.clip_zeta, dropout=self.dropout, path=self.path,
-                                cuda_kernel=self.cuda_kernel, sink_init=self.sink_init)
+                                cuda_kernel=self.cuda_kernel, sink_init=self.sink_init, sigmoid_bias=bias)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,22 +142,13 @@ class GPTConfig:
         return cls(**d)
 
 
-class HeadGate(nn.Module):
-    """Bondarenko et al.'s gated attention (their default, "conditional per token"): each head h has its
-    own Linear(head_dim -> 1) reading that head's slice of the block input x, and its output is scaled by
-    sigmoid of it. A gate near 0 lets the head switch off without parking attention on some token."""
-
-    def __init__(self, n_head: int, head_dim: int):
-        super().__init__()
-        self.n_head, self.head_dim = n_head, head_dim
-        self.weight = nn.Parameter(torch.empty(n_head, head_dim))
-        self.bias = nn.Parameter(torch.zeros(n_head))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, T, C) -> gate values in (0, 1), (B, H, T, 1)."""
-        B, T, _ = x.shape
-        logits = torch.einsum("bthd,hd->bht", x.view(B, T, self.n_head, self.head_dim), self.weight)
-        return torch.sigmoid(logits + self.bias.view(1, -1, 1)).unsqueeze(-1)
+def _finite(text: str) -> float | None:
+    """float(text) if it is a finite number, else None."""
+    try:
+        x = float(text)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
 
 
 class CausalSelfAttention(nn.Module):
@@ -142,8 +159,13 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.core = QuietAttention(config.n_head, config.attention_options())
-        self.gate = HeadGate(config.n_head, config.n_embd // config.n_head) if config.attention == "gated" else None
+        head_dim = config.n_embd // config.n_head
+        self.core = QuietAttention(config.n_head, config.attention_options(), head_dim)
+        self.gate: nn.Module | None = None
+        if config.attention == "gated":
+            self.gate = HeadGate(config.n_head, head_dim)
+        elif config.attention == "outgate":
+            self.gate = OutputGate(config.n_head, head_dim, config.n_embd, config.gate_mode, config.bias)
         self.tap_out = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -153,7 +175,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        gate = self.gate(x) if self.gate is not None else None  # (B, H, T, 1)
+        gate = self.gate(x) if self.gate is not None else None  # (B, H, T, 1 or head_dim) or (1, H, 1, 1)
         y = self.core(q, k, v, gate=gate)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.tap_out(self.resid_dropout(self.c_proj(y)))
@@ -215,10 +237,21 @@ class GPT(nn.Module):
             if pn.endswith("c_proj.weight"):
                 # GPT-2's scaled init: each block adds two residual branches, so keep their sum's variance flat.
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        for gate in (block.attn.gate for block in self.transformer.h if block.attn.gate is not None):
-            # start every gate near gate_init; the small random weights let it learn from there
-            torch.nn.init.normal_(gate.weight, mean=0.0, std=0.02)
-            torch.nn.init.constant_(gate.bias, math.log(config.gate_init / (1.0 - config.gate_init)))
+        self._init_variant_extras()
+
+    def _init_variant_extras(self) -> None:
+        """The variants' own parameters, drawn after every shared one (so those match across variants)."""
+        c = self.config
+        for block in self.transformer.h:
+            gate, core = block.attn.gate, block.attn.core
+            if isinstance(gate, HeadGate):  # start every gate near gate_init; small random weights learn from there
+                torch.nn.init.normal_(gate.weight, mean=0.0, std=0.02)
+                torch.nn.init.constant_(gate.bias, math.log(c.gate_init / (1.0 - c.gate_init)))
+            elif isinstance(gate, OutputGate) and gate.weight is not None:  # as q_proj's columns in Qiu et al.
+                torch.nn.init.normal_(gate.weight, mean=0.0, std=0.02)
+            if core.k_bias is not None:  # Sun et al.'s init (locuslab/massive-activations, model_attn_bias.py)
+                torch.nn.init.normal_(core.k_bias, mean=0.0, std=0.02)
+                torch.nn.init.normal_(core.v_bias, mean=0.0, std=0.02)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -306,8 +339,9 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: every >= 2-D tensor (matmul weights, embeddings) decays; biases, LayerNorm
-        parameters and sink logits do not."""
+        """AdamW groups: every >= 2-D tensor (matmul weights, embeddings, gate weights, kvbias's k' and v',
+        as in Sun et al.'s nanoGPT code) decays; biases, LayerNorm parameters, sink logits and constant
+        gate logits do not."""
         params = [p for p in self.parameters() if p.requires_grad]
         return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},

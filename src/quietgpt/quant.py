@@ -7,11 +7,13 @@ so a float model computes exactly what an integer pipeline with those grids woul
 The protocol (the paper's repo, Qualcomm-AI-research/outlier-free-transformers, "quant_setup=all"):
 * weights: symmetric, signed, per-tensor (option: per output channel), range from the current min-max
   (option: the MSE-optimal clipping threshold, a 100-point grid search). Biases, LayerNorm parameters and
-  sink logits stay in high precision (an int32 accumulator holds biases in a real integer kernel).
+  sink logits stay in high precision (an int32 accumulator holds biases in a real integer kernel), and so
+  do kvbias's learned key and value (one vector per head, like a bias).
 * activations: asymmetric, per-tensor, static ranges from a running min-max (momentum 0.9) over N
   calibration batches from the training split (option: per-batch percentile instead of min/max).
   The range always includes 0 so that zero is exact. Quantized: the input and output of every linear
-  layer (and of the gated variant's per-head gate: its input, weight and gate values), the residual
+  layer (and of the gated and outgate variants' gates: input, weight and gate values; outgate's
+  constant gate is a per-head scale, kept in high precision like biases), the residual
   sums (the embedding sum, the sum after attention, the block output; in this pre-LN model these are
   exactly the LayerNorm inputs, so they are quantized once, not twice) and the attention probabilities
   (observing them runs attention on the reference path, the only one that materialises them).
@@ -53,7 +55,7 @@ import torch
 from torch import nn
 
 from .errors import QuietError
-from .model import GPT, HeadGate
+from .model import GPT, HeadGate, OutputGate
 
 Tensor = torch.Tensor
 
@@ -235,9 +237,11 @@ class QuantState:
 
 
 def _linears(model: GPT, cfg: QuantConfig) -> list[tuple[str, nn.Module]]:
-    """Every matmul layer: nn.Linear (lm_head only with cfg.head) and the gated variant's HeadGate."""
+    """Every matmul layer: nn.Linear (lm_head only with cfg.head), the gated variant's HeadGate and the
+    outgate variant's OutputGate (unless it is the input-independent constant)."""
     return [(name, mod) for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear | HeadGate) and (mod is not model.lm_head or cfg.head)]
+            if (isinstance(mod, nn.Linear | HeadGate) or (isinstance(mod, OutputGate) and mod.weight is not None))
+            and (mod is not model.lm_head or cfg.head)]
 
 
 def _quantized_params(model: GPT, cfg: QuantConfig) -> list[tuple[str, nn.Parameter]]:

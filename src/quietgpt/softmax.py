@@ -3,11 +3,14 @@
     softmax_n(x)_i = exp(x_i) / (n + sum_j exp(x_j))        n >= 0
     softmax1       = softmax_n with n = 1                   ("quiet attention")
     clipped        = clip((zeta - gamma) * softmax(x) + gamma, 0, 1)   (Bondarenko et al. 2023)
+    softpick       = ReLU(exp(x_i) - 1) / (sum_j |exp(x_j) - 1| + eps)  (Zuhri, Fuadi, Aji 2025)
+    sigmoid        = sigmoid(x_i + b), b = -log(n) by default (n the row's length)   (Ramapuram et al. 2024)
 
 softmax_n is ordinary softmax over the row with one extra logit log(n) appended whose entry is then
 dropped; the mass 1 - sum_i softmax_n(x)_i = n / (n + sum_j exp(x_j)) is what a head leaves on
-"nothing". Everything here is computed in float32 (or float64 if given float64) and returned in the
-input dtype.
+"nothing". softpick's rows sum to at most 1 (often less, with many exact zeros); sigmoid's rows are not
+normalised at all and may sum to more than 1. Everything here is computed in float32 (or float64 if
+given float64) and returned in the input dtype.
 """
 
 from __future__ import annotations
@@ -98,3 +101,57 @@ def clipped_softmax(x: Tensor, gamma: float = -0.03, zeta: float = 1.0, dim: int
     dtype = x.dtype
     p = torch.softmax(x.to(_compute_dtype(x)), dim=dim)
     return ((zeta - gamma) * p + gamma).clamp(0.0, 1.0).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisers without a log-sum-exp form: their fast attention path is chunked.py's.
+
+SOFTPICK_EPS = 1e-8  # the default of softpick() in zaydzuhri/softpick-attention's naive_softpick_attn.py
+
+
+def softpick_parts(x: Tensor, eps: float = SOFTPICK_EPS, dim: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+    """The pieces of softpick along `dim`, in x's own dtype: (d, den, c) with
+
+        d   = exp(x - c) - exp(-c)                       = exp(-c) (exp(x) - 1)
+        den = sum over unmasked j of |d_j| + eps exp(-c) = exp(-c) (sum_j |exp(x_j) - 1| + eps)
+        c   = max(row max, 0), detached
+
+    so softpick = relu(d) / den exactly (the exp(-c) cancels). The paper's stable form shifts by the row
+    max m; shifting by max(m, 0) instead keeps exp(-c) <= 1, so a row of very negative scores cannot
+    overflow. c is a constant of the row (the ratio does not depend on it), so it is detached and
+    gradients stay exact. Masked entries (-inf) give d = -exp(-c): they add nothing to den and get 0.
+    """
+    c = x.detach().amax(dim=dim, keepdim=True).clamp(min=0.0)  # a row of -inf gives c = 0
+    shift = torch.exp(-c)
+    d = torch.exp(x - c) - shift
+    den = torch.where(x > -math.inf, d.abs(), 0.0).sum(dim=dim, keepdim=True) + eps * shift
+    return d, den, c
+
+
+def softpick(x: Tensor, dim: int = -1, eps: float = SOFTPICK_EPS) -> Tensor:
+    """ReLU(exp(x_i) - 1) / (sum_j |exp(x_j) - 1| + eps) along `dim` (Zuhri, Fuadi & Aji 2025, "Softpick:
+    No Attention Sink, No Massive Activations with Rectified Softmax").
+
+    Any shape and dim; computed in fp32 (fp64 for fp64) and returned in the input dtype. Every x_i <= 0
+    gets exactly 0, rows sum to at most 1 (the rest is "unassigned"), -inf entries (masked) get 0 and add
+    nothing to the denominator, and a row of only -inf is all zeros (not NaN). eps is in the formula's own
+    units, as the paper writes it (the repository's kernels add theirs after the max shift instead, which
+    only differs when sum_j |exp(x_j) - 1| is itself ~eps).
+    """
+    dtype = x.dtype
+    d, den, _ = softpick_parts(x.to(_compute_dtype(x)), eps, dim)
+    return (torch.relu(d) / den).to(dtype)
+
+
+def sigmoid_bias(seq_len: int, bias: float | None = None) -> float:
+    """Sigmoid attention's b: `bias` if given, else -log(seq_len), Ramapuram et al. 2024's recommendation
+    (with scores near 0, n weights of sigmoid(-log n) = 1 / (n + 1) sum to about 1, like softmax's)."""
+    if bias is not None:
+        return float(bias)
+    return -math.log(seq_len)
+
+
+def sigmoid_weights(x: Tensor, bias: float) -> Tensor:
+    """sigmoid(x + bias) elementwise (no row normalisation), computed in fp32 (fp64 for fp64), returned
+    in the input dtype; -inf entries (masked) get exactly 0."""
+    return torch.sigmoid(x.to(_compute_dtype(x)) + bias).to(x.dtype)
