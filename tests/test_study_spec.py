@@ -143,3 +143,17 @@ def test_settings_added_since_a_study_was_made_do_not_make_it_another_config():
                "measure": rec["measure"]}
     assert same_record(old_rec, rec) and not same_record(None, rec)
     assert not same_record(old_rec, run_config_record(changed, "sink", 0))
+
+
+def test_an_option_of_one_variant_goes_to_that_variants_runs_only(tmp_path):
+    spec = resolve_spec("default", variants=["softmax", "outgate", "softmax_n"], seeds=1,
+                        overrides={"model.gate_mode": "headwise", "model.softmax_n": "2"})
+    cfgs = {v: spec.run_config(v, 0, "x").model for v in spec.variants}
+    assert (cfgs["outgate"].gate_mode, cfgs["softmax_n"].softmax_n) == ("headwise", 2.0)
+    assert (cfgs["softmax"].gate_mode, cfgs["softmax"].softmax_n) == ("elementwise", 1.0)  # defaults elsewhere
+    assert StudySpec.from_dict(spec.to_dict()).run_config("outgate", 0, "x").model.gate_mode == "headwise"
+    p = tmp_path / "s.toml"
+    p.write_text('[study]\nvariants = ["softmax", "sigmoid"]\n[model]\nsigmoid_bias = "-3"\n')
+    assert resolve_spec(str(p)).run_config("sigmoid", 0, "x").model.sigmoid_bias == "-3"
+    with pytest.raises(ConfigError, match=r"model\.gate_mode is an option of attention variant outgate"):
+        resolve_spec("default", overrides={"model.gate_mode": "headwise"})

@@ -23,12 +23,12 @@ from ..config import (
     load_config,
 )
 from ..errors import ConfigError
-from ..model import GPTConfig
+from ..model import VARIANT_FIELDS, GPTConfig
 from ..presets import read_toml, study_preset_names, study_preset_text, tomllib
 from ..registry import Metric, study_metrics
 
 MEASURE_KEYS = ("quant", "n_sequences", "calib_batches", "eval_tokens")
-COMPARED_KEYS = ("variants", "optimizers", "seeds", *MEASURE_KEYS, "run")  # what changes a study's results
+COMPARED_KEYS = ("variants", "optimizers", "variant_options", "seeds", *MEASURE_KEYS, "run")  # change results
 PER_RUN_KEYS = ("model.attention", "train.seed", "train.out_dir")  # set by the study for each run
 
 
@@ -49,6 +49,8 @@ class StudySpec:
     run: RunConfig
     overrides: Mapping[str, str] = field(default_factory=dict)
     optimizers: tuple[str, ...] = ()  # crossed with the variants; () = the run config's one optimizer
+    # options that belong to one variant ("model.gate_mode": "headwise"): set on that variant's runs only
+    variant_options: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.baseline not in self.variants:
@@ -76,7 +78,8 @@ class StudySpec:
     def run_config(self, arm: str, seed: int, run_dir: str | Path) -> RunConfig:
         """The RunConfig of one run: the shared config with this arm's variant (and optimizer), seed, folder."""
         variant, optimizer = self.arm_parts(arm)
-        return apply_overrides(self.run, {"model.attention": variant, "train.optimizer": optimizer,
+        own = {k: v for k, v in self.variant_options.items() if VARIANT_FIELDS[k.split(".", 1)[1]] == variant}
+        return apply_overrides(self.run, {**own, "model.attention": variant, "train.optimizer": optimizer,
                                           "train.seed": seed, "train.out_dir": str(run_dir)})
 
     @property
@@ -101,7 +104,7 @@ class StudySpec:
                 "n_sequences": self.n_sequences, "calib_batches": self.calib_batches,
                 "eval_tokens": self.eval_tokens, "overrides": dict(self.overrides), "run": run,
                 "baseline": self.baseline, "optimizers": list(self.optimizers), "arms": list(self.arms),
-                "baseline_arm": self.baseline_arm}
+                "baseline_arm": self.baseline_arm, "variant_options": dict(self.variant_options)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> StudySpec:
@@ -115,7 +118,8 @@ class StudySpec:
                        quant=tuple(d.get("quant") or ()), n_sequences=int(d["n_sequences"]),
                        calib_batches=int(d["calib_batches"]), eval_tokens=d.get("eval_tokens"),
                        run=RunConfig.from_dict(run), overrides=dict(d.get("overrides") or {}),
-                       optimizers=tuple(d.get("optimizers") or ()))
+                       optimizers=tuple(d.get("optimizers") or ()),
+                       variant_options=dict(d.get("variant_options") or {}))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"not a study config ({type(e).__name__}: {e}); rerun `quietgpt study`") from None
 
@@ -178,6 +182,21 @@ def _flat_str(tables: Mapping[str, Mapping]) -> dict[str, str]:
     return {f"{sec}.{k}": str(v) for sec, t in tables.items() for k, v in t.items()}
 
 
+def _split_variant_options(tables: dict, cli: dict, variants: Sequence[str]) -> tuple[dict, dict, dict]:
+    """(tables, cli, variant options): the options that belong to one variant (model.VARIANT_FIELDS, e.g.
+    model.gate_mode for outgate) taken out of the shared run config, to be set on that variant's runs only
+    (the shared config would refuse them on the others). One whose variant is not studied is an error."""
+    found = {f"model.{k}": str(v) for k, v in tables.get("model", {}).items() if k in VARIANT_FIELDS}
+    found |= {k: v for k, v in cli.items() if k.startswith("model.") and k[6:] in VARIANT_FIELDS}
+    for key in found:
+        owner = VARIANT_FIELDS[key[6:]]
+        if owner not in variants:
+            raise ConfigError(f"{key} is an option of attention variant {owner}, which is not among the study's "
+                              f"variants ({', '.join(variants)}); add {owner} to --variants or leave {key} out")
+    tables = {**tables, "model": {k: v for k, v in tables.get("model", {}).items() if k not in VARIANT_FIELDS}}
+    return tables, {k: v for k, v in cli.items() if k not in found}, found
+
+
 def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = None, seeds: int | None = None,
                  baseline: str | None = None, data: str | None = None, device: str | None = None,
                  overrides: Mapping | None = None, quant: Sequence[str] | None = None,
@@ -209,10 +228,12 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
     for key in per_run:
         if key in cli or key.split(".")[1] in tables.get(key.split(".")[0], {}):
             raise ConfigError(f"{key} is set per run by the study; use --variants/--optimizers/--seeds/--out instead")
+    tables, cli, vopts = _split_variant_options(tables, cli, sc.variants)
     run = apply_overrides(apply_overrides(load_config(base), tables), cli)
     qs = tuple(c.name for c in parse_quant_list(list(sc.quant))) if sc.quant else ()
     return StudySpec(preset=name, description=sc.description, train_preset=base, variants=sc.variants,
                      seeds=tuple(range(sc.seeds)), baseline=sc.baseline, quant=qs, n_sequences=sc.n_sequences,
                      calib_batches=sc.calib_batches, eval_tokens=sc.eval_tokens or None,
                      run=replace(run, train=replace(run.train, out_dir=".")),
-                     overrides={**_flat_str(tables), **cli}, optimizers=sc.optimizers)
+                     overrides={**_flat_str(tables), **cli, **vopts}, optimizers=sc.optimizers,
+                     variant_options=vopts)
