@@ -151,7 +151,7 @@ def _first(keys, n: int = 1) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_hf():
+def quiet_hf():
     """transformers' and huggingface_hub's warnings and progress bars off (a CLI error must stay one line,
     and the hub's retry notices would not), the caller's settings restored."""
     from transformers.utils import logging as hf_logging
@@ -193,7 +193,7 @@ def _raw_config(path: str | Path) -> tuple[dict, str]:
             raise QuietError("loading a Hugging Face model needs the transformers package; "
                              "pip install 'quietgpt[hf]'") from None
         try:
-            with _quiet_hf():
+            with quiet_hf():
                 raw, _ = PretrainedConfig.get_config_dict(name)
         except (OSError, ValueError) as e:
             msg = " ".join(str(e).split())[:160]
@@ -227,7 +227,7 @@ def load_hf_gpt2(path: str | Path) -> GPT:
     except ImportError:
         raise QuietError("--hf needs the transformers package; pip install 'quietgpt[hf]'") from None
     try:
-        with _quiet_hf():
+        with quiet_hf():
             check_config(GPT2Config.from_pretrained(source), where)  # before any weights are read
             hf, info = GPT2LMHeadModel.from_pretrained(source, output_loading_info=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:

@@ -23,7 +23,6 @@ other folder, and never the checkpoint itself.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ import torch
 
 from .atomic import atomic_write_json
 from .errors import QuietError
+from .hf import quiet_hf
 from .model import GPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,23 +67,6 @@ def _transformers():
     except ImportError:
         raise QuietError("export needs the transformers package; pip install 'quietgpt[hf]'") from None
     return transformers
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers' warnings and progress bars off while exporting (the CLI prints its own lines), the
-    caller's settings restored."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- models
@@ -294,7 +277,7 @@ def export_checkpoint(checkpoint, out, *, force: bool = False, dtype: str = "flo
     model, _ = load_model(ckpt)
     _check_out(out, ckpt, force)
     _transformers()
-    with _quiet_transformers():
+    with quiet_hf():  # the CLI prints its own lines
         return _export(model, doc, ckpt, out, dtype)
 
 
