@@ -275,10 +275,17 @@ def export_checkpoint(checkpoint, out, *, force: bool = False, dtype: str = "flo
     ckpt, out = Path(checkpoint), Path(out)
     doc = read_config(ckpt)
     model, _ = load_model(ckpt)
+    if model.config.attention not in EXPORTABLE:
+        raise QuietError(f"export of attention variant {model.config.attention!r} is not written yet (the modeling "
+                         f"file implements {', '.join(EXPORTABLE)}); evaluate it with quietgpt eval --checkpoint")
     _check_out(out, ckpt, force)
     _transformers()
     with quiet_hf():  # the CLI prints its own lines
         return _export(model, doc, ckpt, out, dtype)
+
+
+# the variants hf_modeling/modeling_quietgpt.py implements (softmax is exported as a plain GPT-2)
+EXPORTABLE = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated")
 
 
 def _export(model: GPT, doc: dict, ckpt: Path, out: Path, dtype: str) -> dict:
