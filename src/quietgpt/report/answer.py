@@ -113,7 +113,8 @@ def _change(results: dict, c: dict, with_size: bool) -> str:
         size = f"{fmt(abs(c['diff_mean']) * 100, 2)} percentage points"
     else:
         b_mean = c.get("b_mean")
-        rel = f", {fmt_pct(c['diff_mean'], b_mean)}" if b_mean else ""
+        # as in stats.verdict: a percentage of a near-zero baseline (softmax's unassigned mass) means nothing
+        rel = f", {fmt_pct(c['diff_mean'], b_mean)}" if b_mean and abs(c["diff_mean"]) <= 10 * abs(b_mean) else ""
         size = f"{fmt(abs(c['diff_mean']))}{rel}"
     return f"{'raises' if up else 'lowers'} {name} by {size}{f' ({judged})' if judged else ''}"
 

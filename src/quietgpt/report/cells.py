@@ -34,7 +34,8 @@ ALPHA = 0.05  # family-wise error rate of Holm's correction
 # The smallest value a metric of each unit can take; used only to spot impossible interval ends.
 # Not "probability": clipped softmax with zeta > 1 can over-assign a row, making its unassigned mass < 0.
 FLOOR_BY_UNIT = {"s": 0.0, "tokens/s": 0.0, "absolute value": 0.0, "nats/token": 0.0, "nats": 0.0,
-                 "ratio": 0.0, "perplexity": 1.0, "kurtosis": 1.0}  # Pearson kurtosis >= 1, exp(CE >= 0) >= 1
+                 "ratio": 0.0, "perplexity": 1.0, "kurtosis": 1.0,  # Pearson kurtosis >= 1, exp(CE >= 0) >= 1
+                 "share": 0.0, "count": 0.0}
 CEILING_BY_UNIT = {"probability": 1.0}  # an attention mass above 1 is impossible (rows sum to >= 0)
 
 # One symbol per verdict (the effects table and the legend under it).
