@@ -122,17 +122,24 @@ def run_pool(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, j
 
 @contextlib.contextmanager
 def _sigint_blocked():
-    """SIGINT blocked in this thread for the block. A child started meanwhile inherits the blocked mask
-    across fork and exec and keeps it (Python never unblocks it), so a Ctrl-C during worker start-up
-    prints no tracebacks from the workers: the study handles it alone. A Ctrl-C that arrives here while
-    blocked stays pending and is raised as soon as the block ends, so none is lost."""
+    """Spawn workers with Ctrl-C held back. Children inherit the blocked SIGINT mask across fork and exec
+    and keep it (Python never unblocks it), so a Ctrl-C during their start-up prints no tracebacks from
+    them. In this process a Ctrl-C that arrives meanwhile (the kernel may hand it to any thread, e.g. a
+    torch worker, and Python then runs its handler in the main thread) is only recorded, so it never cuts a
+    child's launch in half (a child left without its start-up data dies with an EOFError traceback); it is
+    raised as KeyboardInterrupt as soon as the block ends, so none is lost."""
     import signal
 
+    got: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one runs the recorder now
+        signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt
 
 
 def run_submitit(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, jobs: int, on_done: OnDone,
@@ -156,10 +163,11 @@ def run_submitit(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: st
         ex.update_parameters(name="quietgpt-study", timeout_min=24 * 60, slurm_array_parallelism=jobs,
                              gpus_per_node=1 if gpu else 0, cpus_per_task=8 if gpu else 4)
     n = len(todo)
-    with _sigint_blocked():  # local executor's processes, as in run_pool
-        submitted = ex.map_array(execute_run, [spec] * n, [v for v, _ in todo], [s for _, s in todo],
-                                 [study_dir] * n)
+    submitted: list = []
     try:
+        with _sigint_blocked():  # local executor's processes, as in run_pool
+            submitted = ex.map_array(execute_run, [spec] * n, [v for v, _ in todo], [s for _, s in todo],
+                                     [study_dir] * n)
         for job, (v, s) in zip(submitted, todo, strict=True):
             try:
                 row = job.result()
