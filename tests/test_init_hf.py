@@ -57,7 +57,7 @@ def run_config(world, out, variant="softmax", **extra):
     return load_config("default", {"train.init": f"hf:{world / 'gpt2'}", "model.attention": variant,
                                    "data.source": str(world / "text.txt"), "data.tokenizer": "char",
                                    "data.cache_dir": str(world / "cache"), "train.out_dir": str(out),
-                                   "model.softmax_n": 3.0, **RUN, **extra})
+                                   **({"model.softmax_n": 3.0} if variant == "softmax_n" else {}), **RUN, **extra})
 
 
 def first_eval(run_dir) -> dict:
