@@ -37,7 +37,10 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
             "data.synthetic_tokens": 20000, "data.cache_dir": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "quietgpt", "study", "--out", str(out), "--variants", "softmax,softmax1",
            "--seeds", "2", "--jobs", "2", "--quant", "", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(err, "w"), start_new_session=True)
+    # SIGINT back to its default in the child: a test run started in the background of a non-interactive
+    # shell inherits it ignored (POSIX), and an ignored SIGINT stays ignored in the study it starts
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(err, "w"), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, out, err
 
 
