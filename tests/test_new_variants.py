@@ -348,6 +348,10 @@ def test_micro_study_with_the_new_variants(tmp_path):
     assert n_params["kvbias"] - n_params["softmax"] == 2 * C  # k' and v': head_dim per head each
     assert n_params["outgate"] - n_params["softmax"] == C * C  # the elementwise gate, bias=False
     assert n_params["softpick"] == n_params["sigmoid"] == n_params["softmax"]
+    zero_share = results["summary"]["attention_zero_share"]  # the registry's metric, a study column
+    assert zero_share["softpick"]["mean"] > 0.1 and zero_share["softmax"]["mean"] == 0.0
+    assert "attention_zero_share" in (out / "results.csv").read_text().splitlines()[0]
+    assert "attention zero share (sparsity)" in (out / "report.md").read_text()
     assert (out / "plots" / "unassigned_mass.png").is_file()  # one figure, the variants that can leave mass
     caption = next(ln for ln in (out / "report.md").read_text().splitlines() if "Unassigned attention mass" in ln)
     assert all(v in caption for v in ("softpick", "sigmoid", "kvbias")) and "outgate" not in caption

@@ -17,10 +17,11 @@ from quietgpt import GPT, GPTConfig
 from quietgpt.collectors import BONDARENKO_MODULES, StatsCollector, row_kurtosis
 from quietgpt.metrics import measure
 from quietgpt.registry import catalogue, eval_summary, study_metrics
+from quietgpt.softmax import softpick
 
 PAPER_KEYS = ("sink_rate", "first_token_argmax_share", "massive_ratio_max", "massive_count",
               "bondarenko_max_inf_norm", "bondarenko_avg_kurtosis", "act_max_first_token", "act_max_other_tokens",
-              "act_kurtosis_first_token", "act_kurtosis_other_tokens", "gate_mean")
+              "act_kurtosis_first_token", "act_kurtosis_other_tokens", "gate_mean", "attention_zero_share")
 
 
 def tiny(attention: str = "softmax", seed: int = 0, **kw) -> GPT:
@@ -289,6 +290,85 @@ def test_gate_mean_against_hand_gate_values():
     assert observe(tiny("softmax1"), x).gate_rows() == []
 
 
+# ----------------------------------------------------------------------------- Zuhri et al.: exact zeros
+
+
+def test_zero_share_of_hand_built_softpick_scores():
+    """softpick gives exactly 0 to every score <= 0. Planted scores (2 sequences, 3 heads, T = 5), counted by
+    hand over the 15 visible pairs (key <= query) of each head and sequence: head 0 scores +1 everywhere (no
+    zero), head 1 -1 everywhere (15 zeros), head 2 +1 on even keys, -0.5 on odd keys and exactly 0 on key 3
+    (queries 0..4 see 0, 1, 1, 2, 2 odd keys: 6 zeros). The 10 masked future pairs per head are zeros too
+    and must not count: counted, head 0's share would be 10/25, not 0."""
+    T = 5
+    scores = torch.empty(2, 3, T, T)
+    scores[:, 0], scores[:, 1] = 1.0, -1.0
+    scores[:, 2] = torch.tensor([1.0, -0.5, 1.0, 0.0, 1.0])
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    p = softpick(scores.masked_fill(future, -math.inf))
+    assert int((p[:, :, future] == 0).sum()) == 2 * 3 * 10  # the mask's zeros exist, and are left out below
+    col = StatsCollector()
+    col("attn_probs", 0, p)
+    (row,) = col.sparsity_rows()
+    assert [h["zeros"] for h in row["heads"]] == [0, 2 * 15, 2 * 6]
+    assert [h["zero_share"] for h in row["heads"]] == [0.0, 1.0, 6 / 15]
+    assert row["zeros"] == 42 and row["visible"] == 2 * 3 * 15 and row["zero_share"] == 42 / 90
+    # a second batch accumulates: the same counts again, the same shares
+    col("attn_probs", 0, p)
+    assert col.sparsity_rows()[0]["visible"] == 180 and col.sparsity_rows()[0]["zero_share"] == 42 / 90
+    ev = {"sparsity": [row, {**row, "layer": 1, "zero_share": 0.0}]}
+    assert catalogue()["attention_zero_share"].value(ev) == pytest.approx((42 / 90 + 0.0) / 2)
+
+
+def test_zero_share_of_a_softpick_model_is_the_count_of_its_reference_weights_zeros():
+    """A tiny softpick model: the collector's counts equal a count made here, pair by pair, from the
+    reference weights the model's attention tap sees, and agree with the sign of hand-computed float64
+    scores (softpick is 0 exactly where the score is <= 0) except where a score is within rounding of 0."""
+    model = tiny("softpick", seed=5)
+    with torch.no_grad():  # sharpen the scores so both signs are common and few sit near 0
+        for blk in model.transformer.h:
+            blk.attn.c_attn.weight.mul_(8.0)
+    x = torch.randint(0, 48, (3, 40), generator=torch.Generator().manual_seed(2))
+    weights, ln1 = {}, {}
+    hooks = [blk.ln_1.register_forward_hook(lambda _m, _i, o, j=j: ln1.__setitem__(j, o.detach().double()))
+             for j, blk in enumerate(model.transformer.h)]
+    with torch.no_grad(), model.observe(lambda s, layer, t: weights.__setitem__(layer, t.clone()),
+                                        sites=("attn_probs",)):
+        model(x)
+    for h in hooks:
+        h.remove()
+    rows = {r["layer"]: r for r in observe(model, x).sparsity_rows()}
+    B, H, T, D = 3, 2, 40, 8
+    for layer in (0, 1):
+        p = weights[layer].numpy()
+        by_hand = [sum(int(p[b, h, q, k] == 0) for b in range(B) for q in range(T) for k in range(q + 1))
+                   for h in range(H)]
+        r = rows[layer]
+        assert [h["zeros"] for h in r["heads"]] == by_hand
+        assert r["visible"] == H * B * T * (T + 1) // 2 and r["zero_share"] == sum(by_hand) / r["visible"]
+        assert 0.2 < r["zero_share"] < 0.8  # not a trivial all-or-nothing count
+        attn = model.transformer.h[layer].attn
+        qkv = ln1[layer] @ attn.c_attn.weight.detach().double().t() + attn.c_attn.bias.detach().double()
+        q, k, _ = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+        s = q @ k.transpose(-1, -2) / math.sqrt(D)
+        visible = torch.ones(T, T, dtype=torch.bool).tril()
+        differ = ((s <= 0) != torch.from_numpy(p == 0)) & visible
+        assert bool((s[differ].abs() < 1e-5).all()), s[differ]  # only scores within float32 rounding of 0
+        assert int(differ.sum()) <= 2
+
+
+def test_zero_share_in_the_eval_json_is_measured_for_every_variant():
+    """measure() carries the sparsity section and the summary key; softmax's weights are never 0 here (no
+    underflow in a tiny model), so its share is a measured 0, not missing; softpick's is well above it."""
+    ds = dataset()
+    soft = measure(tiny("softmax"), ds, quant=(), n_sequences=2).to_dict()
+    pick = measure(tiny("softpick"), ds, quant=(), n_sequences=2).to_dict()
+    assert [r["layer"] for r in pick["sparsity"]] == [0, 1] and len(pick["sparsity"][0]["heads"]) == 2
+    assert pick["sparsity"][0]["visible"] == 2 * 2 * 96 * 97 // 2  # 2 sequences, 2 heads, T = 96
+    assert soft["summary"]["attention_zero_share"] == 0.0
+    assert pick["summary"]["attention_zero_share"] == pytest.approx(
+        np.mean([r["zero_share"] for r in pick["sparsity"]])) and pick["summary"]["attention_zero_share"] > 0.1
+
+
 # ----------------------------------------------------------------------------- the registry and the eval JSON
 
 
@@ -296,7 +376,7 @@ def test_measure_carries_every_paper_metric_and_leaves_the_old_sections_alone():
     model, ds = tiny("gated"), dataset()
     ev = json.loads(json.dumps(measure(model, ds, quant=("w8a8",), n_sequences=4, calib_batches=2).to_dict(),
                                allow_nan=False))
-    for section in ("sinks", "massive", "bondarenko", "first_token", "gates"):
+    for section in ("sinks", "massive", "bondarenko", "first_token", "gates", "sparsity"):
         assert ev[section], section
     assert [r["layer"] for r in ev["sinks"]] == [0, 1] and len(ev["sinks"][0]["heads"]) == 2
     assert ev["massive"][0]["n_sequences"] == 4 and len(ev["massive"][0]["top"]) == 5
@@ -338,6 +418,7 @@ def test_registry_flags_of_the_paper_metrics():
         assert m.study and m.compared and m.source == "eval" and m.paper, key
         assert m.headline == (key in ("sink_rate", "bondarenko_max_inf_norm")), key
     assert cat["sink_rate"].higher_is_worse is True and cat["gate_mean"].higher_is_worse is None
+    assert cat["attention_zero_share"].higher_is_worse is None and "Softpick" in cat["attention_zero_share"].paper
     assert "Gu et al." in cat["sink_rate"].paper and "Sun et al." in cat["massive_count"].paper
     assert "Kaul et al." in cat["act_kurtosis_first_token"].paper and "Qiu et al." in cat["gate_mean"].paper
     assert cat["bondarenko_max_inf_norm"].label.startswith("max inf. norm")

@@ -101,7 +101,8 @@ def test_catalogue_is_well_formed():
     # the study's row keys, in the order the report and CSV show them
     assert list(study_metrics(["w8a8", "w4a8"])) == [
         "val_loss", "ppl", "weight_kurtosis_mean", "weight_kurtosis_max", "act_inf_norm_max", "act_kurtosis_mean",
-        "unassigned_mass_mean", "sink_rate", "first_token_argmax_share", "massive_ratio_max", "massive_count",
+        "unassigned_mass_mean", "sink_rate", "first_token_argmax_share", "attention_zero_share",
+        "massive_ratio_max", "massive_count",
         "bondarenko_max_inf_norm", "bondarenko_avg_kurtosis", "act_max_first_token", "act_max_other_tokens",
         "act_kurtosis_first_token", "act_kurtosis_other_tokens", "gate_mean", "ppl_w8a8", "ppl_w4a8", "ppl_ratio_w8a8",
         "ppl_ratio_w4a8", "tokens_per_s", "wall_s"]

@@ -3,7 +3,7 @@ accumulates activation and attention statistics per (site, layer) and per (layer
 outlier/sink paper's own statistic computed the way its code does (see "the papers' own statistics").
 
 The rows these produce are the eval JSON's "weights", "activations" and "attention" sections and the
-paper sections "sinks", "massive", "bondarenko", "first_token" and "gates"; the metric registry
+paper sections "sinks", "massive", "bondarenko", "first_token", "gates" and "sparsity"; the metric registry
 (registry.py) reduces them to the reported numbers.
 """
 
@@ -136,6 +136,12 @@ class _PaperStats:
       model's branch outputs gives ~1e-5), so the eps is left out; constant sequences are skipped.
     * Qiu et al. 2025, "Gated Attention for Large Language Models": the mean gate value per layer (and per
       head), over every (sequence, position, head) of the attn_gate site; no rows without a gate.
+    * Zuhri, Fuadi & Aji 2025, "Softpick" (the sparsity of the attention maps they report): per layer and
+      head, the count of attention weights that are exactly 0 among the causally visible (query, key)
+      pairs, key <= query (the masked future keys are zeros of the mask, not of the normaliser, so they are
+      left out), over the observed sequences; zero_share = zeros / visible. Counted for every variant:
+      softpick's ReLU and clipped softmax's clip make exact zeros by design, the exp-based normalisers and
+      sigmoid only where float32 underflows.
     """
 
     def __init__(self, sink_eps: float = SINK_EPS, sink_tokens: int = SINK_TOKENS):
@@ -145,6 +151,7 @@ class _PaperStats:
         self.first: dict[int, dict] = {}
         self.bond: dict[tuple[str, int], list[float]] = {}
         self.gates: dict[int, dict] = {}
+        self.sparsity: dict[int, dict] = {}
 
     def _sinks(self, layer: int, p: Tensor) -> None:
         B, H, T, _ = p.shape
@@ -162,6 +169,14 @@ class _PaperStats:
         acc["n"] += B
         acc["queries"] += B * (T - 1)
         acc["tokens"] = min(acc["tokens"], S)
+
+    def _zeros(self, layer: int, p: Tensor) -> None:
+        B, _, T, Tk = p.shape
+        visible = torch.ones(T, Tk, dtype=torch.bool, device=p.device).tril()  # key <= query
+        zeros = (p == 0).logical_and_(visible).sum(dim=(0, 2, 3))  # (H,)
+        acc = self.sparsity.setdefault(layer, dict(zeros=0, visible=0))
+        acc["zeros"] = acc["zeros"] + zeros
+        acc["visible"] += B * int(visible.sum())  # per head: every head sees the same pairs
 
     def _massive(self, layer: int, t: Tensor) -> None:
         B, T, C = t.shape
@@ -273,10 +288,22 @@ class _PaperStats:
                      heads=(a["heads"] / a["per_head"]).tolist() if a["per_head"] else None)
                 for layer, a in sorted(self.gates.items())]
 
+    def sparsity_rows(self) -> list[dict]:
+        """Per layer: the exactly-zero attention weights among the causally visible (query, key) pairs of
+        every head and observed sequence (zeros, visible, zero_share = zeros / visible), and per head."""
+        rows = []
+        for layer, acc in sorted(self.sparsity.items()):
+            zeros, per_head = acc["zeros"], acc["visible"]
+            heads = [dict(head=h, zeros=int(z), zero_share=int(z) / per_head) for h, z in enumerate(zeros.tolist())]
+            total = sum(h["zeros"] for h in heads)
+            rows.append(dict(layer=layer, zeros=total, visible=per_head * len(heads),
+                             zero_share=total / (per_head * len(heads)), heads=heads))
+        return rows
+
     def papers(self) -> dict[str, list[dict]]:
-        """The five paper sections of the eval JSON, by name."""
+        """The six paper sections of the eval JSON, by name."""
         return dict(sinks=self.sink_rows(), massive=self.massive_rows(), bondarenko=self.bondarenko_rows(),
-                    first_token=self.first_token_rows(), gates=self.gate_rows())
+                    first_token=self.first_token_rows(), gates=self.gate_rows(), sparsity=self.sparsity_rows())
 
 
 # ----------------------------------------------------------------------------- activations and attention
@@ -297,9 +324,10 @@ class StatsCollector(_PaperStats):
     infinity norms per sequence, streaming moments, per-dimension max |x| and the location of the
     largest |x|; per (layer, head) the attention statistics; and the papers' own statistics
     (_PaperStats: sink rate, massive activations, Bondarenko et al.'s per-sequence norms and kurtosis,
-    first-token vs other-token statistics, gate means). Set `tokens` to the (B, T) input ids before each
-    forward so outliers can be traced to a token. `top_k` is also the number of massive activations
-    listed per layer; sink_eps and sink_tokens are Gu et al.'s epsilon and token length."""
+    first-token vs other-token statistics, gate means, exact zeros of the attention weights). Set
+    `tokens` to the (B, T) input ids before each forward so outliers can be traced to a token. `top_k` is
+    also the number of massive activations listed per layer; sink_eps and sink_tokens are Gu et al.'s
+    epsilon and token length."""
 
     def __init__(self, top_k: int = 5, sink_eps: float = SINK_EPS, sink_tokens: int = SINK_TOKENS):
         self.top_k = top_k
@@ -342,6 +370,7 @@ class StatsCollector(_PaperStats):
             st.moments.update_power_sums(B * H * T * (T + 1) // 2, t)
             self._attention(layer, t)
             self._sinks(layer, t)
+            self._zeros(layer, t)
         else:
             st.moments.update(t)
             dm = a.reshape(-1, a.shape[-1]).amax(0)

@@ -3,8 +3,8 @@ outlier weights (kurtosis, max |w|) -> outlier activations (infinity norms, kurt
 -> heads that park their attention (unassigned mass, first-token mass, entropy) -> perplexity, in float,
 after W8A8 (or any other) fake quantization, and with PyTorch's real dynamic int8 kernels (int8-dynamic);
 plus each outlier/sink paper's own statistic (sink rate, massive activations, Bondarenko et al.'s
-per-sequence norms and kurtosis, first vs other tokens, gate means: collectors._PaperStats) on the same
-observed windows.
+per-sequence norms and kurtosis, first vs other tokens, gate means, exact attention zeros:
+collectors._PaperStats) on the same observed windows.
 
 `measure(model, dataset)` costs about one float pass over the validation split, one quantized pass per
 quant config and a few calibration batches. One float pass computes both the perplexity and all
@@ -71,6 +71,7 @@ class Measurement:
     bondarenko: list[dict] = field(default_factory=list)  # Bondarenko et al.'s per-module norms and kurtosis
     first_token: list[dict] = field(default_factory=list)  # Kaul et al.'s first vs other tokens (block output)
     gates: list[dict] = field(default_factory=list)  # Qiu et al.'s mean gate value (gated variants only)
+    sparsity: list[dict] = field(default_factory=list)  # Zuhri et al.'s exact zeros of the attention weights
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))

@@ -67,6 +67,7 @@ BONDARENKO_ACTS = Selection(
     "and block, and of ln_f", lambda e: True)
 FIRST_TOKEN_LAYERS = Selection("first_token", "every layer's block output (site block_out)", lambda e: True)
 GATED_LAYERS = Selection("gates", "every gated layer's attention gate", lambda e: True)
+SPARSITY_LAYERS = Selection("sparsity", "every layer's attention", lambda e: True)
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -134,6 +135,8 @@ GU = "Gu et al. ICLR 2025, When Attention Sink Emerges in Language Models (sail-
 KAUL = "Kaul et al. ICLR 2025, From Attention to Activation: Unravelling the Enigmas of LLMs"
 SUN = "Sun et al. 2024, Massive Activations in Large Language Models (locuslab/massive-activations)"
 QIU = "Qiu et al. 2025, Gated Attention for Large Language Models"
+SOFTPICK = ("Zuhri, Fuadi & Aji 2025, Softpick: No Attention Sink, No Massive Activations with Rectified Softmax "
+            "(zaydzuhri/softpick-attention)")
 
 
 def _ppl_scope(eval_tokens: int | None) -> str:
@@ -183,6 +186,17 @@ def _paper_metrics() -> list[Metric]:
                "head, query position >= 1) whose largest attention weight is on the first key (Kaul et al.: "
                "heads 'attending maximally to the first token'); the mean over layers", KAUL, "eval",
                select=SINK_LAYERS, field="first_token_argmax_share", reduce=MEAN),
+        Metric("attention_zero_share", "attention zero share (sparsity)", "share", "the share of attention "
+               "weights that are exactly 0 among the causally visible (query, key) pairs, key <= query (masked "
+               "future keys are left out: they are zeros of the mask, not of the normaliser), over every head "
+               "and sampled sequence of " + SPARSITY_LAYERS.text + ", read off the reference path's weights (the "
+               "sparsity of the attention maps Zuhri et al. report: softpick's ReLU gives 0 to every score <= 0); "
+               "the mean over layers, which is the pooled share (every layer sees the same pairs). Measured, "
+               "never assumed, for every variant, as unassigned mass is: clipped softmax's clip also makes exact "
+               "zeros; softmax, the null-logit variants, the gates' softmax and sigmoid give exactly 0 only where "
+               "float32 underflows (a score some 100 below its row's largest), so theirs is 0 or nearly, not 0 "
+               "by construction", SOFTPICK, "eval", higher_is_worse=None, select=SPARSITY_LAYERS,
+               field="zero_share", reduce=MEAN),
         Metric("massive_ratio_max", "massive activation ratio (layer max)", "ratio", "per layer, the largest "
                "|x| of the block output over its median |x|, each taken per sequence and averaged over the "
                "sampled sequences (Sun et al.'s top-1 and median curves); the max over layers", SUN, "eval",
