@@ -1,7 +1,8 @@
 """`quietgpt export` (quietgpt.hf_export): every variant becomes a Hugging Face folder whose model computes the
 checkpoint's logits (1e-5, float32) and greedy continuations, loaded offline with transformers' own Auto
 classes; softmax as a plain GPT2LMHeadModel, the others through the modeling file quietgpt writes (which
-must not need quietgpt). The tokenizer goes alongside; bad input leaves OUT as it was."""
+must not need quietgpt), whose config carries every attention setting (gate modes, sigmoid's bias). The
+tokenizer goes alongside; bad input leaves OUT as it was."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import pytest
 import torch
 
 from quietgpt import checkpoint, hf_export
+from quietgpt.attention import VARIANTS
 from quietgpt.cli import main
 from quietgpt.config import load_config
 from quietgpt.errors import QuietError
-from quietgpt.hf_export import EXPORTABLE
+from quietgpt.gates import GATE_MODES
 from quietgpt.model import GPT
 
 transformers = pytest.importorskip("transformers")
@@ -36,12 +38,18 @@ SETTINGS = {  # variant -> model settings beyond the tiny sizes: every option th
     "sink": {"model.gelu": "tanh"},
     "clipped": {"model.clip_gamma": -0.1, "model.clip_zeta": 1.05, "model.bias": True},
     "gated": {},
+    "softpick": {"model.bias": True},
+    "outgate": {"model.bias": True},  # elementwise, the default mode; the others: test_every_gate_mode_...
+    "sigmoid": {},  # sigmoid_bias "auto": -log T of each call; a fixed number: test_a_fixed_sigmoid_bias_...
+    "kvbias": {"model.gelu": "tanh"},
 }
+NULL_VARIANTS = ("softmax1", "softmax_n", "sink", "kvbias")  # rows that leave mass on "nothing" (or on k')
 
 
 def make_checkpoint(folder: Path, variant: str, tokenizer: dict | None = None, **extra) -> Path:
-    """A tiny checkpoint of `variant` whose biases, LayerNorms, sink logits and gates are all away from their
-    init (so a tensor the export drops or misplaces changes the logits), saved as `quietgpt train` saves."""
+    """A tiny checkpoint of `variant` whose biases, LayerNorms, sink logits, gates and kvbias's k', v' are all
+    away from their init (so a tensor the export drops or misplaces changes the logits), saved as `quietgpt
+    train` saves."""
     cfg = load_config("default", {"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32,
                                   "model.block_size": BLOCK, "model.vocab_size": VOCAB, "model.attention": variant,
                                   **SETTINGS[variant], **extra})
@@ -50,7 +58,7 @@ def make_checkpoint(folder: Path, variant: str, tokenizer: dict | None = None, *
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 1 or "gate" in name:
+            if p.dim() == 1 or "gate" in name or name.endswith(("k_bias", "v_bias")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.5)
     tok = tokenizer or {"name": "char", "vocab_size": VOCAB, "chars": CHARS}
     checkpoint.save_checkpoint(folder, model, cfg, extras={"tokenizer": tok})
@@ -62,7 +70,7 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """variant -> (checkpoint folder, exported folder), one export per variant."""
     root = tmp_path_factory.mktemp("export")
     out = {}
-    for v in EXPORTABLE:
+    for v in VARIANTS:
         ckpt = make_checkpoint(root / v, v)
         hf_export.export_checkpoint(ckpt, root / f"{v}-hf")
         out[v] = (ckpt, root / f"{v}-hf")
@@ -80,7 +88,7 @@ def batch(n: int = 3, t: int = BLOCK, seed: int = 2) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the model
 
 
-@pytest.mark.parametrize("variant", EXPORTABLE)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_loads_with_auto_classes_and_gives_quietgpts_logits(exported, variant):
     ckpt, out = exported[variant]
     hf = load_hf(out)
@@ -99,12 +107,99 @@ def test_every_variant_loads_with_auto_classes_and_gives_quietgpts_logits(export
         got = hf(idx).logits
     assert got.shape == expected.shape == (3, BLOCK, VOCAB)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
-    # and not trivially: the variant's own parameters matter (a plain softmax would differ)
-    if variant in ("sink", "gated"):
-        assert any(k.endswith(("sink_logit", "gate.weight")) for k in hf.state_dict())
 
 
-@pytest.mark.parametrize("variant", EXPORTABLE)
+OWN_PARAMETERS = {"sink": ["core.sink_logit"], "gated": ["gate.weight", "gate.bias"],
+                  "outgate": ["gate.weight", "gate.bias"], "kvbias": ["core.k_bias", "core.v_bias"]}
+
+
+@pytest.mark.parametrize(("variant", "name"), [(v, n) for v, ns in OWN_PARAMETERS.items() for n in ns])
+def test_each_variants_own_parameters_enter_the_exported_logits(exported, variant, name):
+    """Not trivially equal: moving one of the variant's own tensors (in the first block) moves the logits, so
+    the modeling file reads it where quietgpt does."""
+    hf = load_hf(exported[variant][1])
+    idx = batch()
+    with torch.no_grad():
+        before = hf(idx).logits
+        hf.get_parameter(f"transformer.h.0.attn.{name}").add_(0.5)
+        assert (hf(idx).logits - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("mode", "bias"), [("elementwise", False), ("headwise", True), ("headwise", False),
+                                           ("constant", False)])
+def test_every_gate_mode_exports_with_quietgpts_logits(tmp_path, mode, bias):
+    """outgate's three G1 gates (headwise W_g (H, C), constant: a logit per head and no W_g), with and
+    without the gate's bias (it follows model.bias; the constant gate always has its logits)."""
+    ckpt = make_checkpoint(tmp_path / "ck", "outgate", **{"model.gate_mode": mode, "model.bias": bias})
+    s = hf_export.export_checkpoint(ckpt, tmp_path / "hf")
+    assert s["max_logit_diff"] <= 1e-5
+    hf, (ours, _) = load_hf(tmp_path / "hf"), checkpoint.load_model(ckpt)
+    assert hf.config.gate_mode == json.loads((tmp_path / "hf" / "config.json").read_text())["gate_mode"] == mode
+    gate = {k.split("gate.")[1]: tuple(v.shape) for k, v in hf.state_dict().items() if ".h.0.attn.gate." in k}
+    want = {"elementwise": {"weight": (32, 32)}, "headwise": {"weight": (2, 32)}, "constant": {"bias": (2,)}}[mode]
+    if bias and mode != "constant":
+        want = {**want, "bias": (want["weight"][0],)}
+    assert gate == want
+    idx = batch()
+    with torch.no_grad():
+        assert torch.allclose(hf(idx).logits, ours(idx)[0], atol=1e-5, rtol=0)
+
+
+def test_sigmoid_auto_bias_follows_the_length_of_each_call(exported):
+    """sigmoid_bias "auto" is b = -log T for the call's T: a shorter input gets another b, so its logits are
+    not the prefix of a longer input's (it would be with a fixed b), in quietgpt and in the export alike."""
+    ckpt, out = exported["sigmoid"]
+    hf, (ours, _) = load_hf(out), checkpoint.load_model(ckpt)
+    assert hf.config.sigmoid_bias == "auto"
+    long = batch(2, BLOCK, seed=7)
+    with torch.no_grad():
+        for t in (1, 5, 11):
+            want = ours(long[:, :t])[0]
+            assert torch.allclose(hf(long[:, :t]).logits, want, atol=1e-5, rtol=0), t
+        prefix = hf(long).logits[:, :5]
+        assert (prefix - ours(long[:, :5])[0]).abs().max() > 1e-3  # b = -log 16 there, -log 5 here
+    prompt = long[:1, :3]
+    assert torch.equal(hf.generate(prompt, max_new_tokens=6, do_sample=False), ours.generate(prompt, 6, temperature=0))
+
+
+def test_a_fixed_sigmoid_bias_round_trips_and_is_the_same_in_every_call(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ck", "sigmoid", **{"model.sigmoid_bias": "-2.5"})
+    hf_export.export_checkpoint(ckpt, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["sigmoid_bias"] == -2.5
+    hf, (ours, _) = load_hf(tmp_path / "hf"), checkpoint.load_model(ckpt)
+    assert hf.config.sigmoid_bias == -2.5 and ours.config.sigmoid_bias == "-2.5"
+    idx = batch()
+    with torch.no_grad():
+        full = hf(idx).logits
+        assert torch.allclose(full, ours(idx)[0], atol=1e-5, rtol=0)
+        assert torch.allclose(hf(idx[:, :5]).logits, full[:, :5], atol=1e-5, rtol=0)  # no length dependence
+        hf.config.sigmoid_bias = -1.0  # the config is what the attention reads
+        assert (hf(idx).logits - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["softmax_n", "clipped", "outgate", "sigmoid"])
+def test_the_config_round_trips_every_attention_setting(tmp_path, variant):
+    """config.json -> QuietGPTConfig -> save again: the same attention settings, and they are the checkpoint's."""
+    from quietgpt.hf_modeling import modeling_quietgpt as mq
+
+    extra = {"outgate": {"model.gate_mode": "headwise"}, "sigmoid": {"model.sigmoid_bias": "-1.75"}}.get(variant, {})
+    ckpt = make_checkpoint(tmp_path / "ck", variant, **extra)
+    hf_export.export_checkpoint(ckpt, tmp_path / "hf")
+    ours = checkpoint.load_model(ckpt)[0].config
+    cfg = mq.QuietGPTConfig.from_pretrained(str(tmp_path / "hf"))
+    cfg.save_pretrained(str(tmp_path / "again"))
+    again = mq.QuietGPTConfig.from_pretrained(str(tmp_path / "again"))
+    names = ("attention", "softmax_n", "clip_gamma", "clip_zeta", "gate_mode", "sigmoid_bias", "gelu", "bias",
+             "gate_init", "sink_init")
+    for name in names:
+        theirs = getattr(ours, name)
+        if name == "sigmoid_bias" and theirs != "auto":
+            theirs = float(theirs)
+        assert getattr(cfg, name) == getattr(again, name) == theirs, name
+    assert (cfg.n_positions, cfg.n_embd, cfg.n_layer, cfg.n_head) == (BLOCK, 32, 2, 2)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_generation_equals_gpt_generate(exported, variant):
     ckpt, out = exported[variant]
     hf, (ours, _) = load_hf(out), checkpoint.load_model(ckpt)
@@ -114,17 +209,20 @@ def test_greedy_generation_equals_gpt_generate(exported, variant):
     assert torch.equal(got, want), (got, want)
 
 
-def test_generation_past_the_block_size_crops_the_context_as_quietgpt_does(exported):
-    ckpt, out = exported["softmax1"]
+@pytest.mark.parametrize("variant", ["softmax1", "sigmoid"])
+def test_generation_past_the_block_size_crops_the_context_as_quietgpt_does(exported, variant):
+    ckpt, out = exported[variant]
     hf, (ours, _) = load_hf(out), checkpoint.load_model(ckpt)
     prompt = batch(1, BLOCK - 2, seed=4)
     want = ours.generate(prompt, 9, temperature=0)  # 23 tokens > block_size 16: both see the last 16
     assert torch.equal(hf.generate(prompt, max_new_tokens=9, do_sample=False), want)
 
 
-@pytest.mark.parametrize("variant", ["softmax1", "sink", "clipped", "gated"])
+@pytest.mark.parametrize("variant", ["softmax1", "sink", "clipped", "gated", "softpick", "outgate", "sigmoid",
+                                     "kvbias"])
 def test_a_left_padded_batch_gives_each_rows_own_result(exported, variant):
-    """attention_mask: padded keys get probability 0 and positions count real tokens only, so a left-padded
+    """attention_mask: padded keys get weight 0 and enter no denominator (softpick's sum of |exp(s) - 1|),
+    positions count real tokens only, and sigmoid's "auto" bias reads the row's real length, so a left-padded
     row computes exactly what the row alone computes (generate pads this way)."""
     ckpt, out = exported[variant]
     hf, (ours, _) = load_hf(out), checkpoint.load_model(ckpt)
@@ -140,10 +238,11 @@ def test_a_left_padded_batch_gives_each_rows_own_result(exported, variant):
     assert torch.equal(got[1], ours.generate(long, 5, temperature=0)[0])
 
 
-@pytest.mark.parametrize("variant", ["softmax1", "softmax_n", "sink", "clipped"])
+@pytest.mark.parametrize("variant", ["softmax1", "softmax_n", "sink", "clipped", "softpick", "sigmoid", "kvbias"])
 def test_output_attentions_are_quietgpts_probabilities(exported, variant):
     """The modeling file's own normaliser against quietgpt's reference path (softmax.py): the weights a head
-    places, and for the null variants the mass it leaves on nothing (rows summing to less than 1)."""
+    places, and for the null variants the mass it leaves on nothing (kvbias: on k'; rows summing to less
+    than 1); softpick's exact zeros are zeros there too."""
     ckpt, out = exported[variant]
     hf, (ours, _) = load_hf(out), checkpoint.load_model(ckpt)
     idx = batch(2)
@@ -155,8 +254,12 @@ def test_output_attentions_are_quietgpts_probabilities(exported, variant):
     assert len(probs) == 2
     for layer, p in enumerate(probs):
         assert torch.allclose(p, seen[layer], atol=1e-6, rtol=0)
-    if variant != "clipped":
+    if variant in NULL_VARIANTS:
         assert (probs[0].sum(-1) < 1 - 1e-4).all()  # every row leaves some mass unassigned
+    if variant == "softpick":
+        visible = torch.ones(BLOCK, BLOCK, dtype=torch.bool).tril()
+        zeros = (seen[0] == 0) & visible
+        assert zeros.any() and torch.equal((probs[0] == 0) & visible, zeros)
 
 
 @pytest.mark.parametrize("variant", ["softmax", "sink"])
@@ -415,17 +518,10 @@ def test_eval_hf_of_an_exported_softmax_model_gives_the_checkpoints_perplexity(t
         assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
 
-def test_a_variant_the_modeling_file_lacks_is_a_one_line_error(tmp_path):
-    """The newer variants (softpick, outgate, sigmoid, kvbias) are not in modeling_quietgpt.py yet: refused,
-    nothing written, rather than an export whose logits would differ."""
-    from quietgpt.attention import VARIANTS
+def test_the_modeling_file_implements_every_quietgpt_variant_and_gate_mode():
+    """A variant added to quietgpt fails here until modeling_quietgpt.py computes it (the export would
+    otherwise stop at QuietGPTConfig's ValueError)."""
+    from quietgpt.hf_modeling import modeling_quietgpt as mq
 
-    missing = [v for v in VARIANTS if v not in EXPORTABLE]
-    assert missing
-    cfg = load_config("default", {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 8,
-                                  "model.vocab_size": VOCAB, "model.attention": missing[0]})
-    checkpoint.save_checkpoint(tmp_path / "c", GPT(cfg.model), cfg, extras={"tokenizer": {
-        "name": "char", "vocab_size": VOCAB, "chars": CHARS}})
-    with pytest.raises(QuietError, match="is not written yet"):
-        hf_export.export_checkpoint(tmp_path / "c", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    assert mq.VARIANTS == VARIANTS and mq.GATE_MODES == GATE_MODES
+    assert set(SETTINGS) == set(VARIANTS)

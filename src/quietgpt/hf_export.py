@@ -5,10 +5,12 @@
                  nn.Linear's (out, in) transposed to Conv1D's (in, out); bias=False becomes zero biases
                  (GPT-2 always has them; adding 0 is exact); gelu "none" -> activation_function "gelu",
                  "tanh" -> "gelu_new"; n_positions = block_size; layer_norm_epsilon 1e-5.
-    the others   a folder with quietgpt's own modeling file (hf_modeling/modeling_quietgpt.py: QuietGPTConfig,
-                 model_type "quietgpt", and QuietGPTForCausalLM, which imports only torch and transformers)
-                 and `auto_map` in config.json: AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True).
-                 The weights keep quietgpt's names and layout.
+    the others   softmax1, softmax_n, sink, clipped, gated, softpick, outgate, sigmoid and kvbias: a folder
+                 with quietgpt's own modeling file (hf_modeling/modeling_quietgpt.py: QuietGPTConfig, model_type
+                 "quietgpt", and QuietGPTForCausalLM, which imports only torch and transformers) and `auto_map`
+                 in config.json: AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True). The weights
+                 keep quietgpt's names and layout; the config carries every attention setting (softmax_n,
+                 clip_gamma/zeta, gate_mode, sigmoid_bias: "auto" or a number).
 
 Before anything is written the exported model's logits on a random batch are compared with the checkpoint's
 (float32); an export that differs by more than 1e-4 is a bug and is never published. The tokenizer goes
@@ -107,7 +109,8 @@ def to_quietgpt_hf(model: GPT, eos_token_id: int | None = None):
     cfg = mq.QuietGPTConfig(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         bias=c.bias, dropout=c.dropout, attention=c.attention, softmax_n=c.softmax_n, clip_gamma=c.clip_gamma,
-        clip_zeta=c.clip_zeta, gelu=c.gelu, gate_init=c.gate_init, sink_init=c.sink_init,
+        clip_zeta=c.clip_zeta, gelu=c.gelu, gate_init=c.gate_init, sink_init=c.sink_init, gate_mode=c.gate_mode,
+        sigmoid_bias=c.sigmoid_bias if c.sigmoid_bias == "auto" else float(c.sigmoid_bias),  # text in GPTConfig
         bos_token_id=eos_token_id, eos_token_id=eos_token_id, architectures=["QuietGPTForCausalLM"],
         auto_map={"AutoConfig": "modeling_quietgpt.QuietGPTConfig",
                   "AutoModelForCausalLM": "modeling_quietgpt.QuietGPTForCausalLM"})
@@ -275,17 +278,10 @@ def export_checkpoint(checkpoint, out, *, force: bool = False, dtype: str = "flo
     ckpt, out = Path(checkpoint), Path(out)
     doc = read_config(ckpt)
     model, _ = load_model(ckpt)
-    if model.config.attention not in EXPORTABLE:
-        raise QuietError(f"export of attention variant {model.config.attention!r} is not written yet (the modeling "
-                         f"file implements {', '.join(EXPORTABLE)}); evaluate it with quietgpt eval --checkpoint")
     _check_out(out, ckpt, force)
     _transformers()
     with quiet_hf():  # the CLI prints its own lines
         return _export(model, doc, ckpt, out, dtype)
-
-
-# the variants hf_modeling/modeling_quietgpt.py implements (softmax is exported as a plain GPT-2)
-EXPORTABLE = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated")
 
 
 def _export(model: GPT, doc: dict, ckpt: Path, out: Path, dtype: str) -> dict:
