@@ -39,14 +39,16 @@ import torch
 
 Tensor = torch.Tensor
 
-BLOCK_ELEMENTS = 2**24  # a block's (B, H, block, Tk) scores: at most 64 MB in fp32, unless the 64-row floor binds
+BLOCK_ELEMENTS = 2**22  # a block's (B, H, block, Tk) scores: at most 16 MB in fp32, unless the 64-row floor binds
 KINDS = ("softpick", "sigmoid")
 
 
 def block_rows(B: int, H: int, Tk: int) -> int:
-    """Queries per block: as many as fit BLOCK_ELEMENTS (fewer, larger matmuls run faster; measured on
-    the CPU, 256-512 rows at T = 1024-2048 beat 64-128 by ~1.5x), a multiple of 64, at least 64 (so for
-    long sequences memory grows as 64 x T, O(T))."""
+    """Queries per block: as many as fit BLOCK_ELEMENTS, a multiple of 64, at least 64 (so for long
+    sequences memory grows as 64 x T, O(T)). A block's scores go through several elementwise passes, so
+    they should stay in cache, and a causal block computes its whole last square (half of it masked):
+    measured on the 2-core CPU (B=4, H=6, D=64, fwd+bwd, benchmarks/attention.py), 64-128 rows run ~1.6x
+    faster than the 640 that a 64 MB budget gave at T = 1024, and 32 rows again slower."""
     rows = BLOCK_ELEMENTS // max(1, B * H * Tk)
     return max(64, rows - rows % 64)
 
