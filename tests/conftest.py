@@ -1,3 +1,5 @@
+import collections
+import itertools
 import os
 from pathlib import Path
 
@@ -34,3 +36,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _small_bpe(text: str, n_merges: int = 150):
+    """A tiktoken Encoding named gpt2 with GPT-2's split pattern and a BPE trained here on `text` (the real
+    gpt2 files cannot be downloaded in tests): 256 byte tokens in a scrambled rank order, then up to
+    n_merges merges."""
+    import regex
+    import tiktoken
+
+    words = collections.Counter(regex.findall(GPT2_PATTERN, text))
+    ranks = {bytes([b]): i for i, b in enumerate(sorted(range(256), key=lambda b: (b * 37) % 256))}
+    seqs = {w: [bytes([b]) for b in w.encode()] for w in words}
+    for _ in range(n_merges):
+        pairs = collections.Counter()
+        for w, s in seqs.items():
+            for a, b in itertools.pairwise(s):
+                pairs[a, b] += words[w]
+        if not pairs:  # every word is one token already
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        ranks[a + b] = len(ranks)
+        for s in seqs.values():
+            i = 0
+            while i < len(s) - 1:
+                if s[i] == a and s[i + 1] == b:
+                    s[i:i + 2] = [a + b]
+                i += 1
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
+@pytest.fixture
+def small_bpe():
+    """_small_bpe: a stand-in for tiktoken's gpt2 encoding, trained on a given text (needs tiktoken and regex)."""
+    return _small_bpe

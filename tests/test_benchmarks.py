@@ -1,12 +1,19 @@
-"""The GPU training benchmark's bookkeeping, run on the CPU at toy size: tokens/s from the timed
-iterations, MFU from the model's own FLOPs count, ratios to softmax."""
+"""The benchmarks' bookkeeping, run on the CPU at toy size: the GPU training benchmark (tokens/s from the
+timed iterations, MFU from the model's own FLOPs count, ratios to softmax), the trajectory cost, and the
+prepared GPU run benchmarks/gpu_study.sh in its CPU mode (the files and JSON it promises, its time bounds)."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from quietgpt import GPT, GPTConfig
+from quietgpt.registry import study_metrics, trajectory_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,3 +57,98 @@ def test_trajectory_cost_benchmark_bookkeeping(tmp_path):
     assert on["quant_points"] == 2  # 0 and 4: the default study's outlier_quant_every = 2
     assert doc["ratio"] == on["outlier_s"] / on["train_s"] and 0 < doc["ratio"]
     assert doc["ratio_wall"] == (on["wall_s"] - off["wall_s"]) / off["train_s"]
+
+
+GPU_STUDY = ROOT / "benchmarks" / "gpu_study.sh"
+ATTENTION_VARIANTS = ["softmax", "softmax1", "softmax_n", "sink", "kvbias", "softpick", "sigmoid", "outgate"]
+needs_tools = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("timeout")), reason="needs bash, timeout")
+
+
+def gpu_study(tmp_path, *args, env=None) -> tuple[subprocess.CompletedProcess, Path]:
+    """benchmarks/gpu_study.sh OUT --cpu --data TEXT ARGS (a small character text written here)."""
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"CITIZEN {i % 7}:\nWe are accounted poor citizens, the patricians good.\n\n"
+                            for i in range(400)), encoding="utf-8")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(GPU_STUDY), str(out), "--cpu", "--data", str(text), *args],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    return proc, out
+
+
+@needs_tools
+@pytest.mark.slow
+def test_gpu_study_script_cpu_mode_writes_what_it_promises(tmp_path):
+    proc, out = gpu_study(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    parts = {p["part"]: p for p in summary["parts"]}
+    assert list(parts) == ["study", "attention", "train_gpu", "gpu_tests"]  # the study first
+    for p in parts.values():
+        assert (p["status"], p["rc"]) == ("ok", 0) and 0 < p["wall_s"] <= p["bound_s"], p
+        assert (out / p["log"]).read_text().startswith("$ ")  # each log opens with its command
+    device = (out / "device.txt").read_text()
+    assert "mode: cpu" in device and "quietgpt" in device and summary["device"] == device.strip()
+    # (a) the study: 3 variants x 3 seeds, every registry metric, trajectories, no checkpoints left
+    results = json.loads((out / "study" / "results.json").read_text())
+    runs = results["runs"]
+    assert sorted((r["variant"], r["seed"], r["status"]) for r in runs) == sorted(
+        (v, s, "ok") for v in ("softmax", "softmax1", "sink") for s in range(3))
+    metrics = set(study_metrics(results["config"]["quant"]))
+    for r in runs:
+        assert [k for k in metrics if r.get(k) is None] == ["gate_mean"]  # none of the three has a gate
+        points = {}
+        for line in (out / "study" / r["dir"] / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if "outliers" in row:
+                points[row["iter"]] = row["outliers"]
+        assert sorted(points) == [0, 5, 10]  # study.toml --cpu: every 5 iterations, quantized every 10
+        assert set(points[10]) == set(trajectory_metrics())
+    assert not [p.name for p in (out / "study").rglob("*") if p.suffix == ".safetensors" or p.name == "train_state.pt"]
+    assert (out / "study" / "report.md").is_file() and (out / "study.toml").is_file()
+    assert summary["study"]["ok"] == 9 and set(summary["study"]["means"]["ppl_ratio_w4a8"]) == {
+        "softmax", "softmax1", "sink"}
+    # (b) the attention benchmark: every variant's fast path at both lengths, and SDPA's baseline row
+    attn = json.loads((out / "attention.json").read_text())
+    auto = {(r["T"], r["variant"]) for r in attn["results"] if r["requested"] == "auto"}
+    assert auto == {(T, v) for T in (64, 128) for v in ATTENTION_VARIANTS}
+    assert len(summary["attention"]["rows"]) == 2 * (len(ATTENTION_VARIANTS) + 1)
+    # (b) gpt2-small's stand-in training benchmark: softmax vs softmax1 with MFU
+    train = json.loads((out / "train_gpu.json").read_text())
+    assert [(r["variant"], r["mfu"] > 0) for r in train["results"]] == [("softmax", True), ("softmax1", True)]
+    assert summary["train_gpu"][1]["ratio_to_softmax"] == train["results"][1]["ratio_to_softmax"]
+    if not torch.cuda.is_available():
+        assert " skipped" in (out / "gpu_tests.log").read_text()  # the gpu tests skip themselves on the CPU
+    assert "4 of 4 parts ok" in (out / "summary.txt").read_text()
+
+
+@needs_tools
+@pytest.mark.slow
+def test_gpu_study_script_goes_on_after_a_part_times_out(tmp_path):
+    proc, out = gpu_study(tmp_path, "--parts", "study,attention", env={"QUIETGPT_GPU_STUDY_TIMEOUT_STUDY": "2"})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    parts = {p["part"]: p for p in json.loads((out / "summary.json").read_text())["parts"]}
+    assert (parts["study"]["status"], parts["study"]["rc"], parts["study"]["bound_s"]) == ("timeout", 124, 2)
+    assert parts["attention"]["status"] == "ok" and (out / "attention.json").is_file()
+    assert "study: timeout (exit 124)" in proc.stdout
+
+
+@needs_tools
+@pytest.mark.parametrize("args, needle", [
+    (["--parts", "study,foo"], "unknown part foo in --parts"),
+    (["--data", "/no/such/file.txt"], "data file /no/such/file.txt does not exist"),
+    (["--frobnicate"], "unknown option --frobnicate"),
+    (["--parts"], "--parts needs a list"),
+])
+def test_gpu_study_script_bad_arguments_are_one_line_errors(tmp_path, args, needle):
+    proc = subprocess.run(["bash", str(GPU_STUDY), str(tmp_path / "out"), *args], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
+
+
+@needs_tools
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_study_script_without_a_gpu_says_how_to_test_it(tmp_path):
+    proc = subprocess.run(["bash", str(GPU_STUDY), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA GPU visible to torch; to test this script on the CPU, add --cpu" in (
+        proc.stderr), proc.stderr
+    assert not (tmp_path / "out" / "parts.tsv").exists()  # it stopped before running anything

@@ -17,7 +17,7 @@ from quietgpt.train import get_lr
 
 
 def test_all_presets_load_and_nanogpt_numbers():
-    assert {"default", "shakespeare-char-cpu", "shakespeare-char", "gpt2-small"} <= set(preset_names())
+    assert {"default", "shakespeare-char-cpu", "shakespeare-char", "gpt2-small", "tinystories"} <= set(preset_names())
     for name in preset_names():
         cfg = load_config(name)
         assert isinstance(cfg, RunConfig)
@@ -37,6 +37,15 @@ def test_all_presets_load_and_nanogpt_numbers():
     g = load_config("gpt2-small")
     assert (g.model.n_layer, g.model.n_head, g.model.n_embd, g.model.block_size) == (12, 12, 768, 1024)
     assert g.data.tokenizer == "gpt2" and g.train.batch_size * g.train.gradient_accumulation_steps == 480
+    # llama2.c's TinyStories model and its train.py schedule: 128 x 4 x 256 = 131,072 tokens per step
+    s = load_config("tinystories")
+    assert (s.model.n_layer, s.model.n_head, s.model.n_embd, s.model.block_size) == (6, 6, 288, 256)
+    assert (s.data.source, s.data.tokenizer, s.train.device) == ("hf:roneneldan/TinyStories", "gpt2", "cuda")
+    t = s.train
+    assert t.batch_size * t.gradient_accumulation_steps * s.model.block_size == 128 * 4 * 256
+    assert (t.learning_rate, t.min_lr, t.warmup_iters, t.max_iters, t.lr_decay_iters) == (5e-4, 0.0, 1000, 100000,
+                                                                                        100000)
+    assert (t.beta1, t.beta2, t.weight_decay, t.grad_clip, s.model.dropout) == (0.9, 0.95, 0.1, 1.0, 0.0)
 
 
 def test_user_toml_file_and_tool_sections(tmp_path):

@@ -7,8 +7,6 @@ tokenizer goes alongside; bad input leaves OUT as it was."""
 from __future__ import annotations
 
 import ast
-import collections
-import itertools
 import json
 import os
 import subprocess
@@ -344,37 +342,8 @@ def test_byte_and_synthetic_tokenizers_are_documented_json(tmp_path, name):
         assert [doc["itos"].index(w) for w in text.split()] == tok.encode(text)
 
 
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def small_bpe(text: str, n_merges: int = 150):
-    """A tiktoken Encoding named gpt2 with GPT-2's split pattern and a BPE trained here on `text` (the real
-    gpt2 files cannot be downloaded in tests): 256 byte tokens in a scrambled rank order, then the merges."""
-    import regex
-    import tiktoken
-
-    words = collections.Counter(regex.findall(GPT2_PATTERN, text))
-    ranks = {bytes([b]): i for i, b in enumerate(sorted(range(256), key=lambda b: (b * 37) % 256))}
-    seqs = {w: [bytes([b]) for b in w.encode()] for w in words}
-    for _ in range(n_merges):
-        pairs = collections.Counter()
-        for w, s in seqs.items():
-            for a, b in itertools.pairwise(s):
-                pairs[a, b] += words[w]
-        (a, b), _ = pairs.most_common(1)[0]
-        ranks[a + b] = len(ranks)
-        for s in seqs.values():
-            i = 0
-            while i < len(s) - 1:
-                if s[i] == a and s[i + 1] == b:
-                    s[i:i + 2] = [a + b]
-                i += 1
-    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": len(ranks)})
-
-
 def test_gpt2_bpe_becomes_a_transformers_tokenizer_that_encodes_as_tiktoken(tmp_path, monkeypatch,
-                                                                          shakespeare_path):
+                                                                          shakespeare_path, small_bpe):
     tiktoken = pytest.importorskip("tiktoken")
     pytest.importorskip("regex")
     text = shakespeare_path.read_text(encoding="utf-8")

@@ -12,7 +12,8 @@ from quietgpt.study import StudySpec, resolve_spec
 
 
 def test_shipped_study_presets_resolve_and_default_is_the_readme_study():
-    assert {"default", "full", "shakespeare-char-cpu", "shakespeare-char", "gpt2-small"} <= set(study_preset_names())
+    assert {"default", "full", "shakespeare-char-cpu", "shakespeare-char", "gpt2-small", "tinystories"} <= set(
+        study_preset_names())
     for name in study_preset_names():
         spec = resolve_spec(name)
         assert spec.baseline in spec.variants and spec.description

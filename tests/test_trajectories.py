@@ -195,11 +195,10 @@ def test_bad_trajectory_settings_are_one_line_errors(key, value):
 
 
 def test_presets_carry_trajectories_that_end_on_a_quantized_point():
-    from quietgpt.presets import preset_names
+    from quietgpt.presets import preset_names, study_preset_names
     from quietgpt.study import resolve_spec
 
-    runs = [load_config(p).train for p in preset_names()] + [resolve_spec(p).run.train
-                                                            for p in ("default", "full", "gpt2-small")]
+    runs = [load_config(p).train for p in preset_names()] + [resolve_spec(p).run.train for p in study_preset_names()]
     for t in runs:
         assert t.outlier_interval > 0
         assert t.max_iters % (t.outlier_interval * t.outlier_quant_every) == 0  # the last point has the ratios
