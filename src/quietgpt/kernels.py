@@ -58,14 +58,14 @@ class _CpuFlash:
 
     @staticmethod
     def forward(q, k, v, is_causal, scale):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
             q, k, v, 0.0, is_causal, scale=scale
         )
         return out, lse, ()
 
     @staticmethod
     def backward(g, q, k, v, out, lse, aux, is_causal, scale):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
             g, q, k, v, out, lse, 0.0, is_causal, scale=scale
         )
 
@@ -182,30 +182,33 @@ def lse_kernel_for(q: Tensor, preference: str = "auto"):
 
 
 class _NullLSEAttention(torch.autograd.Function):
-    """softmax_n attention from a fused kernel's output and LSE; exact forward and backward."""
+    """softmax_n attention from a fused kernel's output and LSE; exact forward and backward. log_n is a
+    float (softmax1, softmax_n) or a tensor broadcasting over (B, H, T) (the sink's learned (H, 1))."""
 
     @staticmethod
     def forward(ctx, q, k, v, log_n, is_causal, scale, kern):
         out, lse, aux = kern.forward(q, k, v, is_causal, scale)
-        ln = log_n.to(lse.dtype)
-        lse_adj = torch.logaddexp(lse, ln)
-        keep = torch.exp(lse - lse_adj)  # = sigmoid(LSE - log n) = mass kept on real tokens
-        out_adj = out * keep.unsqueeze(-1).to(out.dtype)
-        ctx.save_for_backward(q, k, v, out_adj, lse_adj, ln)
+        # z = LSE - log n; the mass kept on real tokens is sigmoid(z) and LSE' = logaddexp(LSE, log n) =
+        # LSE - logsigmoid(z). Few, fused-friendly ops: at small T their fixed cost is what the path adds.
+        z = lse if isinstance(log_n, float) and log_n == 0.0 else lse - log_n
+        keep = torch.sigmoid(z)
+        lse_adj = lse - F.logsigmoid(z)
+        out_adj = out.mul_(keep.unsqueeze(-1))  # in place: out is the kernel's own fresh tensor
+        ctx.save_for_backward(q, k, v, out_adj, lse_adj, log_n if isinstance(log_n, Tensor) else None)
         ctx.aux, ctx.is_causal, ctx.scale, ctx.kern = aux, is_causal, scale, kern
-        ctx.log_n_shape = log_n.shape
+        ctx.log_n_shape = log_n.shape if isinstance(log_n, Tensor) else None
         return out_adj
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, out_adj, lse_adj, ln = ctx.saved_tensors
+        q, k, v, out_adj, lse_adj, log_n = ctx.saved_tensors
         if g.stride(-1) != 1:  # the kernels take any layout with a unit last stride (the model's is (B,T,H,D))
             g = g.contiguous()
         dq, dk, dv = ctx.kern.backward(g, q, k, v, out_adj, lse_adj, ctx.aux, ctx.is_causal, ctx.scale)
         d_log_n = None
         if ctx.needs_input_grad[3]:
-            p_null = torch.exp(ln - lse_adj)
-            row = (g.float() * out_adj.float()).sum(-1)
+            p_null = torch.exp(log_n - lse_adj)
+            row = torch.linalg.vecdot(g.float(), out_adj.float())  # rowsum(dO * O')
             d_log_n = (-(p_null * row)).sum_to_size(ctx.log_n_shape)
         return dq, dk, dv, d_log_n, None, None, None
 
@@ -312,10 +315,11 @@ def null_attention(path: str, q: Tensor, k: Tensor, v: Tensor, log_n: Tensor | f
                    scale: float, dropout_p: float) -> Tensor:
     """softmax_n attention with null logit `log_n` (a float, or (H, 1) per head) on `path`, a name
     `null_path` returned: no second round of support checks."""
-    ln = log_n if isinstance(log_n, Tensor) else _constant(log_n, q)
     if path == "prefix":
+        ln = log_n if isinstance(log_n, Tensor) else _constant(log_n, q)
         return _prefix_attention(q, k, v, ln, is_causal, scale, dropout_p)
-    return _NullLSEAttention.apply(q, k, v, ln, is_causal, scale, _KERNEL_NAMED[path])
+    return _NullLSEAttention.apply(q, k, v, float(log_n) if not isinstance(log_n, Tensor) else log_n, is_causal,
+                                   scale, _KERNEL_NAMED[path])
 
 
 def kv_bias_attention(path: str, q: Tensor, k: Tensor, v: Tensor, k_b: Tensor, v_b: Tensor, is_causal: bool,
