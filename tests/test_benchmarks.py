@@ -152,3 +152,33 @@ def test_gpu_study_script_without_a_gpu_says_how_to_test_it(tmp_path):
     assert proc.returncode == 2 and "no CUDA GPU visible to torch; to test this script on the CPU, add --cpu" in (
         proc.stderr), proc.stderr
     assert not (tmp_path / "out" / "parts.tsv").exists()  # it stopped before running anything
+
+
+@pytest.mark.slow
+def test_train_process_benchmark_times_whole_processes(tmp_path):
+    """Each case is a real `quietgpt train` process: its wall time brackets the run's own training time,
+    the speed ratio is the softmax wall time over the case's, and the goal entry follows the ratio."""
+    text = tmp_path / "t.txt"
+    text.write_text("".join(chr(97 + (i * 7) % 26) for i in range(20000)))
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_process.py"), "--json", str(out), "--shakespeare",
+           str(text), "--iters", "3", "--rounds", "1", "--variants", "softmax,softmax1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    rows = {r["case"]: r for r in doc["results"]}
+    assert set(rows) == {"softmax", "softmax1"} and doc["iters"] == 3
+    for r in rows.values():
+        assert r["summary_tokens_per_s"] > r["process_tokens_per_s"] > 0  # start-up counts in the process's
+        assert r["process_tokens_per_s"] == pytest.approx(3 * 12 * 64 / r["wall_s"])
+    assert rows["softmax1"]["speed_vs_base"] == pytest.approx(rows["softmax"]["wall_s"] / rows["softmax1"]["wall_s"])
+    assert doc["goals"] == {"softmax1_ge_0.97x_softmax": rows["softmax1"]["speed_vs_base"] >= 0.97}
+
+
+def test_benchmark_goal_column():
+    from benchmarks.__main__ import _goal
+
+    assert _goal(1.04, 1.05, "<=") == "<= 1.05: met"
+    assert _goal(1.06, 1.05, "<=") == "<= 1.05: missed"
+    assert _goal(0.96, 0.97, ">=") == ">= 0.97: missed"
+    assert _goal(1.3, None, "<=") == ""
