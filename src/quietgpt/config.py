@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 from .errors import ConfigError, QuietError
@@ -301,6 +302,14 @@ def parse_assignments(items: list[str]) -> dict:
 # ----------------------------------------------------------------------------- the [study] table
 
 
+def check_baseline(baseline: str, variants: Sequence[str]) -> None:
+    """The study's baseline must be one of its variants (StudyConfig and the StudySpec built from it, or
+    read back from a study.json, hold the same rule)."""
+    if baseline not in variants:
+        raise ConfigError(f"the baseline {baseline!r} is not among the variants ({', '.join(variants)}); "
+                          "add it to --variants or name another with --baseline")
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """A TOML file's [study] table: what `quietgpt study` trains and measures on top of the run config.
@@ -349,9 +358,7 @@ class StudyConfig:
             raise ConfigError("study.calib_batches must be >= 0 and study.eval_tokens 0 (all) or >= 2")
         if not self.variants or len(set(self.variants)) != len(self.variants):
             raise ConfigError(f"study.variants must name distinct attention variants, got {','.join(self.variants)!r}")
-        if self.baseline not in self.variants:
-            raise ConfigError(f"the baseline {self.baseline!r} is not among the variants ({', '.join(self.variants)}); "
-                              "add it to --variants or name another with --baseline")
+        check_baseline(self.baseline, self.variants)
         bad = [o for o in self.optimizers if o not in OPTIMIZERS]
         if bad or len(set(self.optimizers)) != len(self.optimizers):
             raise ConfigError(f"study.optimizers must name distinct optimizers among {', '.join(OPTIMIZERS)}, got "

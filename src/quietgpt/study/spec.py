@@ -20,6 +20,7 @@ from ..config import (
     StudyConfig,
     TrainConfig,
     apply_overrides,
+    check_baseline,
     load_config,
 )
 from ..errors import ConfigError
@@ -53,9 +54,7 @@ class StudySpec:
     variant_options: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.baseline not in self.variants:
-            raise ConfigError(f"the baseline {self.baseline!r} is not among the variants "
-                              f"({', '.join(self.variants)}); add it to --variants or pass --baseline")
+        check_baseline(self.baseline, self.variants)
 
     # An arm is what one column of the report compares: an attention variant, or, when the study crosses
     # variants with optimizers, "variant+optimizer". Rows, run folders and statistics are keyed by arm.
