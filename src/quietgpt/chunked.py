@@ -21,8 +21,8 @@ With w the weights, x the scaled and masked scores and g_ij = dO_i . v_j, the ba
 of the row because the ratio does not depend on it; rho, like flash attention's D, comes from the saved
 output, so no T x T pass computes it), then dq = scale dx k, dk = scale dx^T q, dv = w^T dO. Per-row
 factors (1 / den, scale) are applied to the (block x D) operands of the matmuls, never to a (block x T)
-one, and the (block x T) work is done in place: softpick costs about 6 such passes forward and 10
-backward, sigmoid 2 and 5. The same formulas as the reference path in the same precision (fp32, fp64 for
+one, and the (block x T) work is done in place: softpick costs about 5 such passes forward and 10
+backward, sigmoid 2 and 4. The same formulas as the reference path in the same precision (fp32, fp64 for
 fp64), so the two agree to rounding (tests hold them equal in values and gradients); the one difference
 is at a kink: where a score is exactly 0 the reference's autograd takes the derivative 0 and this takes
 the left one (a subgradient too).
@@ -64,24 +64,26 @@ def _block_scores(q_blk: Tensor, k_pre: Tensor, future: Tensor | None, scale: fl
     return x
 
 
-def _softpick_terms(x: Tensor, future: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(d, den, e^(x - c)) with x's storage reused for e^(x - c): d = e^(x - c) - e^-c, 0 where masked."""
+def _softpick_terms(x: Tensor, future: Tensor | None, eps: float,
+                    keep_e: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(d, den, e^(x - c)) with x's storage reused for e^(x - c): d = e^(x - c) - e^-c, 0 where masked.
+    keep_e=False (the forward, which needs no e): d takes x's storage instead, one pass and buffer fewer."""
     c = x.amax(dim=-1, keepdim=True).clamp_(min=0.0)
     shift = torch.exp(-c)
     e = x.sub_(c).exp_()  # masked: exp(-inf) = 0
-    d = e - shift
+    d = e - shift if keep_e else e.sub_(shift)
     if future is not None:
         n = future.shape[-1]
         d[..., -n:].masked_fill_(future, 0.0)  # not -e^-c: masked keys add nothing to den
     den = torch.linalg.vector_norm(d, ord=1, dim=-1, keepdim=True) + eps * shift
-    return d, den, e
+    return d, den, e if keep_e else None
 
 
 def _forward_block(kind: str, x: Tensor, v_pre: Tensor, future: Tensor | None, param: float) -> Tensor:
     """One block's output rows from its masked scores x (overwritten)."""
     if kind == "sigmoid":
         return x.add_(param).sigmoid_() @ v_pre
-    d, den, _ = _softpick_terms(x, future, param)
+    d, den, _ = _softpick_terms(x, future, param, keep_e=False)
     return (d.clamp_(min=0.0) @ v_pre) / den
 
 
@@ -91,7 +93,7 @@ def _backward_block(kind, x, q_blk, g_blk, out_blk, k_pre, v_pre, future, param,
     if kind == "sigmoid":
         w = x.add_(param).sigmoid_()
         dv = w.transpose(-2, -1) @ g_blk
-        t = (g_blk @ v_pre.transpose(-2, -1)).mul_(w).mul_(1.0 - w)  # dx
+        t = (g_blk @ v_pre.transpose(-2, -1)).mul_(w.addcmul_(w, w, value=-1.0))  # dx = g w (1 - w), w reused
         return (t @ k_pre) * scale, t.transpose(-2, -1) @ (q_blk * scale), dv
     d, den, e = _softpick_terms(x, future, param)
     rho = (g_blk * out_blk).sum(-1, keepdim=True)
