@@ -124,28 +124,6 @@ def test_chunked_blocks_do_not_change_the_result(kind, causal):
             assert torch.allclose(a, w, atol=1e-11), block
 
 
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("shifted", [True, False])
-def test_chunked_softpick_with_and_without_the_row_shift(causal, shifted, monkeypatch):
-    """Both ways of computing softpick (a per-row shift by max(row max, 0), or none when every score is
-    provably small) give the float64 formula's values and gradients; the bound picks the way."""
-    import quietgpt.chunked as chunked
-
-    q, k, v = qkv(T=23, seed=5)
-    D = 16
-    assert chunked.scores_bounded(q, k, 1 / math.sqrt(D))  # these scores are small: no shift by default
-    assert not chunked.scores_bounded(q * 100, k, 1 / math.sqrt(D))
-    monkeypatch.setattr(chunked, "UNSHIFTED_MAX_SCORE", -1.0 if shifted else 30.0)
-    seen = torch.ones(23, 23, dtype=torch.bool).tril() if causal else torch.ones(23, 23, dtype=torch.bool)
-    ref = softpick_definition(q @ k.transpose(-1, -2) / math.sqrt(D), seen=seen) @ v
-    g = torch.randn_like(ref)
-    want = torch.autograd.grad(ref, (q, k, v), g)
-    out = chunked_attention("softpick", q, k, v, 1e-8, causal, 1 / math.sqrt(D), block=8)
-    assert torch.allclose(out, ref, atol=1e-12)
-    for a, w in zip(torch.autograd.grad(out, (q, k, v), g), want):
-        assert torch.allclose(a, w, atol=1e-11)
-
-
 @pytest.mark.parametrize("variant", ["softpick", "sigmoid"])
 def test_chunked_path_keeps_o_of_t_for_backward(variant):
     """Autograd keeps q, k and v (and softpick its output, for rho), as SDPA keeps q, k, v, its output

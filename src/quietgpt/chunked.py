@@ -64,30 +64,13 @@ def _block_scores(q_blk: Tensor, k_pre: Tensor, future: Tensor | None, scale: fl
     return x
 
 
-# When every scaled score is at most this, softpick needs no per-row shift: e^x stays below ~1e13, so no sum
-# or product below can overflow in fp32, and the ratio relu(e^x - 1) / (sum |e^x - 1| + eps) is the shifted
-# one's exactly (the shift cancels). It saves two (block x T) passes (the row max and the subtraction).
-UNSHIFTED_MAX_SCORE = 30.0
-
-
-def scores_bounded(q: Tensor, k: Tensor, scale: float) -> bool:
-    """Every score scale q_i.k_j is provably <= UNSHIFTED_MAX_SCORE (Cauchy-Schwarz on the largest norms)."""
-    bound = scale * torch.linalg.vector_norm(q, dim=-1).amax() * torch.linalg.vector_norm(k, dim=-1).amax()
-    return bool(bound <= UNSHIFTED_MAX_SCORE)
-
-
-def _softpick_terms(x: Tensor, future: Tensor | None, eps: float, shifted: bool,
+def _softpick_terms(x: Tensor, future: Tensor | None, eps: float,
                     keep_e: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(d, den, e^(x - c)) with x's storage reused for e^(x - c): d = e^(x - c) - e^-c, 0 where masked;
-    c = max(row max, 0) when `shifted`, else 0 (scores_bounded). keep_e=False (the forward, which needs no
-    e): d takes x's storage instead, one pass and buffer fewer."""
-    if shifted:
-        c = x.amax(dim=-1, keepdim=True).clamp_(min=0.0)
-        shift = torch.exp(-c)
-        e = x.sub_(c).exp_()  # masked: exp(-inf) = 0
-    else:
-        shift = 1.0
-        e = x.exp_()
+    """(d, den, e^(x - c)) with x's storage reused for e^(x - c): d = e^(x - c) - e^-c, 0 where masked.
+    keep_e=False (the forward, which needs no e): d takes x's storage instead, one pass and buffer fewer."""
+    c = x.amax(dim=-1, keepdim=True).clamp_(min=0.0)
+    shift = torch.exp(-c)
+    e = x.sub_(c).exp_()  # masked: exp(-inf) = 0
     d = e - shift if keep_e else e.sub_(shift)
     if future is not None:
         n = future.shape[-1]
@@ -96,16 +79,15 @@ def _softpick_terms(x: Tensor, future: Tensor | None, eps: float, shifted: bool,
     return d, den, e if keep_e else None
 
 
-def _forward_block(kind: str, x: Tensor, v_pre: Tensor, future: Tensor | None, param: float,
-                   shifted: bool) -> Tensor:
+def _forward_block(kind: str, x: Tensor, v_pre: Tensor, future: Tensor | None, param: float) -> Tensor:
     """One block's output rows from its masked scores x (overwritten)."""
     if kind == "sigmoid":
         return x.add_(param).sigmoid_() @ v_pre
-    d, den, _ = _softpick_terms(x, future, param, shifted, keep_e=False)
+    d, den, _ = _softpick_terms(x, future, param, keep_e=False)
     return (d.clamp_(min=0.0) @ v_pre) / den
 
 
-def _backward_block(kind, x, q_blk, g_blk, out_blk, k_pre, v_pre, future, param, scale, shifted):
+def _backward_block(kind, x, q_blk, g_blk, out_blk, k_pre, v_pre, future, param, scale):
     """One block's (dq, dk, dv) contributions (dk, dv over keys 0..len(k_pre)) from its masked scores x
     (overwritten)."""
     if kind == "sigmoid":
@@ -113,7 +95,7 @@ def _backward_block(kind, x, q_blk, g_blk, out_blk, k_pre, v_pre, future, param,
         dv = w.transpose(-2, -1) @ g_blk
         t = (g_blk @ v_pre.transpose(-2, -1)).mul_(w.addcmul_(w, w, value=-1.0))  # dx = g w (1 - w), w reused
         return (t @ k_pre) * scale, t.transpose(-2, -1) @ (q_blk * scale), dv
-    d, den, e = _softpick_terms(x, future, param, shifted)
+    d, den, e = _softpick_terms(x, future, param)
     rho = (g_blk * out_blk).sum(-1, keepdim=True)
     pos = d > 0
     dv = d.clamp_(min=0.0).transpose(-2, -1) @ (g_blk / den)
@@ -138,21 +120,19 @@ class _ChunkedRowwise(torch.autograd.Function):
         cd = torch.float64 if q.dtype == torch.float64 else torch.float32
         qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
         outs = []
-        # compiling: always shift (a data-dependent branch would break the graph; the shift is always exact)
-        shifted = kind == "softpick" and (torch.compiler.is_compiling() or not scores_bounded(qc, kc, scale))
         with torch.autocast(q.device.type, enabled=False):  # fp32 as promised, also under bf16 autocast
             for i0, i1, kk, future in _blocks(q.shape[-2], k.shape[-2], block, is_causal, q.device):
                 x = _block_scores(qc[..., i0:i1, :], kc[..., :kk, :], future, scale)
-                outs.append(_forward_block(kind, x, vc[..., :kk, :], future, param, shifted))
+                outs.append(_forward_block(kind, x, vc[..., :kk, :], future, param))
         out = torch.cat(outs, dim=-2)
         ctx.save_for_backward(q, k, v, out if kind == "softpick" else None)  # softpick's rho needs it
-        ctx.args = (kind, param, is_causal, scale, block, shifted)
+        ctx.args = (kind, param, is_causal, scale, block)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, out = ctx.saved_tensors
-        kind, param, is_causal, scale, block, shifted = ctx.args
+        kind, param, is_causal, scale, block = ctx.args
         cd = torch.float64 if q.dtype == torch.float64 else torch.float32
         qc, kc, vc, gc = q.to(cd), k.to(cd), v.to(cd), g.to(cd)
         dq, dk, dv = torch.empty_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
@@ -161,7 +141,7 @@ class _ChunkedRowwise(torch.autograd.Function):
             x = _block_scores(q_blk, kc[..., :kk, :], future, scale)
             o_blk = out[..., i0:i1, :] if out is not None else None
             dq_b, dk_b, dv_b = _backward_block(kind, x, q_blk, gc[..., i0:i1, :], o_blk, kc[..., :kk, :],
-                                               vc[..., :kk, :], future, param, scale, shifted)
+                                               vc[..., :kk, :], future, param, scale)
             dq[..., i0:i1, :] = dq_b
             dk[..., :kk, :] += dk_b
             dv[..., :kk, :] += dv_b
