@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=0, help="training iterations (0: the preset's 2000)")
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {a.rounds}")
     variants = [v for v in a.variants.split(",") if v]
     iters = a.iters or 2000
     work = Path(tempfile.mkdtemp(prefix="quietgpt-process-"))
@@ -104,12 +106,23 @@ def main(argv: list[str] | None = None) -> int:
                                        ["--set", "train.outlier_interval=0"]))
                 print(f"nanoGPT {theirs[-1]['wall_s']:7.1f} s; quietgpt softmax without trajectories "
                       f"{plain[-1]['wall_s']:7.1f} s", flush=True)
+            result = _result(runs, theirs, plain, iters)  # after every round: a stopped run keeps its rounds
+            atomic_write_json(a.json, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    for r in result["results"] + ([result["nanogpt"]["quietgpt"]] if theirs else []):
+        print(f"{r['case']:>36s} {r['wall_s']:7.1f} s  x{r.get('speed_vs_base', float('nan')):.3f}", flush=True)
+    return 0
+
+
+def _result(runs: dict[str, list[dict]], theirs: list[dict], plain: list[dict], iters: int) -> dict:
+    """The JSON document of the rounds so far: per case the median wall time and its speed ratio, the goals."""
     base = runs.get("softmax")
-    rows = [_row(v, runs[v], base) for v in variants]
-    result = {"benchmark": "train_process", "preset": "shakespeare-char-cpu", "iters": iters, "rounds": a.rounds,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "results": rows, "goals": {}}
+    rows = [_row(v, r, base) for v, r in runs.items()]
+    result = {"benchmark": "train_process", "preset": "shakespeare-char-cpu", "iters": iters,
+              "rounds": len(next(iter(runs.values()))), "machine": {"platform": platform.platform(),
+                                                                    "cpus": os.cpu_count()},
+              "results": rows, "goals": {}}
     for r in rows:
         if r["case"] != "softmax" and base is not None:
             result["goals"][f"{r['case']}_ge_{GOAL_VARIANT}x_softmax"] = r["speed_vs_base"] >= GOAL_VARIANT
@@ -117,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         nano, ours = _row("nanoGPT train.py", theirs, None), _row("quietgpt softmax, no trajectories", plain, theirs)
         result["nanogpt"] = {"nanogpt": nano, "quietgpt": ours}
         result["goals"][f"quietgpt_ge_{GOAL_NANOGPT}x_nanogpt"] = ours["speed_vs_base"] >= GOAL_NANOGPT
-    for r in rows + ([result["nanogpt"]["quietgpt"]] if theirs else []):
-        print(f"{r['case']:>36s} {r['wall_s']:7.1f} s  x{r.get('speed_vs_base', float('nan')):.3f}", flush=True)
-    atomic_write_json(a.json, result)
-    return 0
+    return result
 
 
 if __name__ == "__main__":
