@@ -118,14 +118,12 @@ write_study_toml() {
   [ -z "$data" ] || what=$(basename "$data")
   if [ -n "$data" ]; then printf '[data]\nsource = "%s"\n' "$data"
   else printf '[data]\nsource = "synthetic"\ntokenizer = "auto"\n'; fi
+  local description="gpu_study.sh: nanoGPT's baby GPT (shakespeare-char) on $what, cut to $iters iterations; softmax vs softmax1 vs sink x 3 seeds sharing one GPU"
+  [ "$mode" = gpu ] || description="gpu_study.sh --cpu: the study part at toy size on the CPU"
+  printf '[study]\ndescription = "%s"\nbase = "shakespeare-char"\nvariants = ["softmax", "softmax1", "sink"]\n' "$description"
+  printf 'seeds = 3\nquant = ["w8a8", "w6a8", "w4a8"]\n'
   if [ "$mode" = gpu ]; then
     cat <<EOF
-[study]
-description = "gpu_study.sh: nanoGPT's baby GPT (shakespeare-char) on $what, cut to $iters iterations; softmax vs softmax1 vs sink x 3 seeds sharing one GPU"
-base = "shakespeare-char"
-variants = ["softmax", "softmax1", "sink"]
-seeds = 3
-quant = ["w8a8", "w6a8", "w4a8"]
 n_sequences = 64
 calib_batches = 16
 [train]
@@ -140,12 +138,6 @@ outlier_quant_every = 5
 EOF
   else
     cat <<EOF
-[study]
-description = "gpu_study.sh --cpu: the study part at toy size on the CPU"
-base = "shakespeare-char"
-variants = ["softmax", "softmax1", "sink"]
-seeds = 3
-quant = ["w8a8", "w6a8", "w4a8"]
 n_sequences = 8
 calib_batches = 2
 eval_tokens = 2048
