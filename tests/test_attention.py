@@ -154,6 +154,36 @@ def test_fast_path_float64_exact(variant):
         assert torch.allclose(a, b, atol=1e-9)
 
 
+@pytest.mark.parametrize("variant", ["softmax1", "softmax_n", "sink", "kvbias"])
+def test_lse_path_without_autograd_equals_the_recorded_one(variant):
+    """Under no_grad (evaluation, measurement, sampling) the LSE path skips its autograd node: the same
+    output bit for bit as with gradients recorded, and the float64 formula's."""
+    q, k, v = make_qkv()
+    kw = kwargs_for(variant, 3)
+    recorded = attention(q, k, v, variant, **kw)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        bare = attention(q, k, v, variant, **kw)
+    assert bare.grad_fn is None
+    assert torch.equal(bare, recorded.detach())
+    assert torch.allclose(bare.double(), naive_for(variant, q, k, v, kw), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, lse_scale", [(torch.float64, 1.0), (torch.float64, 12.0), (torch.float32, 6.0)])
+def test_null_logit_lse_exact_where_softplus_turns_linear(dtype, lse_scale):
+    """LSE' = log n + softplus(LSE - log n) and softplus returns its input above a threshold (20; 40 in
+    float64): rows whose LSE straddles it keep exact values and gradients, sink logit's included."""
+    q, k, v = [(t.detach() * math.sqrt(lse_scale)).requires_grad_() for t in make_qkv(dtype=dtype)]
+    b = torch.tensor([0.5, 21.0, 38.0], dtype=dtype, requires_grad=True)  # log n on both sides of 20 and 40
+    out = attention(q, k, v, "sink", sink_logit=b)
+    ref = naive64(q, k, v, log_null=b)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert torch.allclose(out.double(), ref, atol=tol)
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, [q, k, v, b], g), torch.autograd.grad(ref, [q, k, v, b], g.double())):
+        assert torch.allclose(a.double(), r.double(), atol=tol * 10, rtol=tol * 10)
+
+
 def test_sink_gradcheck():
     q, k, v = [t.detach()[:1, :2, :5, :8].clone().requires_grad_() for t in make_qkv(dtype=torch.float64)]
     b = torch.tensor([0.3, -0.7], dtype=torch.float64, requires_grad=True)

@@ -181,6 +181,34 @@ def lse_kernel_for(q: Tensor, preference: str = "auto"):
     return None
 
 
+# softplus(z) returns z itself above `threshold`, off by log1p(exp(-z)) < exp(-threshold): below half an ulp
+# of z there in the LSE's dtype (fp32 for every kernel but fp64's), so LSE' stays exact.
+_SOFTPLUS_THRESHOLD = {torch.float64: 40.0}
+
+
+def _null_adjust(lse: Tensor, log_n: Tensor | float) -> tuple[Tensor, Tensor]:
+    """(keep, LSE') for null logit log_n: keep = sigmoid(LSE - log n), the mass softmax_n leaves on the real
+    keys, and LSE' = logaddexp(LSE, log n) = log n + softplus(LSE - log n), the row's full log-sum-exp. Few
+    ops on purpose: at small T their fixed cost is most of what the path adds to SDPA."""
+    zero = isinstance(log_n, float) and log_n == 0.0
+    z = lse if zero else lse - log_n
+    keep = torch.sigmoid(z)
+    soft = F.softplus(z, threshold=_SOFTPLUS_THRESHOLD.get(lse.dtype, 20.0))
+    return keep, soft if zero else soft + log_n
+
+
+def _kernel_backward(ctx, g: Tensor, q: Tensor, k: Tensor, v: Tensor, out_adj: Tensor, lse_adj: Tensor):
+    """The kernel's own backward handed the adjusted output and LSE' (see the module docstring): dq, dk, dv
+    of the real keys. ctx holds the kernel, its aux tensors, is_causal and scale from the forward."""
+    if g.stride(-1) != 1:  # the kernels take any layout with a unit last stride (the model's is (B,T,H,D))
+        g = g.contiguous()
+    return ctx.kern.backward(g, q, k, v, out_adj, lse_adj, ctx.aux, ctx.is_causal, ctx.scale)
+
+
+def _stash(ctx, aux, is_causal: bool, scale: float, kern) -> None:
+    ctx.aux, ctx.is_causal, ctx.scale, ctx.kern = aux, is_causal, scale, kern
+
+
 class _NullLSEAttention(torch.autograd.Function):
     """softmax_n attention from a fused kernel's output and LSE; exact forward and backward. log_n is a
     float (softmax1, softmax_n) or a tensor broadcasting over (B, H, T) (the sink's learned (H, 1))."""
@@ -188,28 +216,25 @@ class _NullLSEAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_n, is_causal, scale, kern):
         out, lse, aux = kern.forward(q, k, v, is_causal, scale)
-        # z = LSE - log n; the mass kept on real tokens is sigmoid(z) and LSE' = logaddexp(LSE, log n) =
-        # LSE - logsigmoid(z). Few, fused-friendly ops: at small T their fixed cost is what the path adds.
-        z = lse if isinstance(log_n, float) and log_n == 0.0 else lse - log_n
-        keep = torch.sigmoid(z)
-        lse_adj = lse - F.logsigmoid(z)
+        keep, lse_adj = _null_adjust(lse, log_n)
         out_adj = out.mul_(keep.unsqueeze(-1))  # in place: out is the kernel's own fresh tensor
-        ctx.save_for_backward(q, k, v, out_adj, lse_adj, log_n if isinstance(log_n, Tensor) else None)
-        ctx.aux, ctx.is_causal, ctx.scale, ctx.kern = aux, is_causal, scale, kern
+        # a learned null logit's gradient needs p_null = exp(log n - LSE') = sigmoid(log n - LSE), formed
+        # here from LSE (1 - keep would lose its relative precision where it is small)
+        p_null = torch.sigmoid(log_n - lse) if isinstance(log_n, Tensor) and log_n.requires_grad else None
+        ctx.save_for_backward(q, k, v, out_adj, lse_adj, p_null)
+        _stash(ctx, aux, is_causal, scale, kern)
         ctx.log_n_shape = log_n.shape if isinstance(log_n, Tensor) else None
         return out_adj
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, out_adj, lse_adj, log_n = ctx.saved_tensors
-        if g.stride(-1) != 1:  # the kernels take any layout with a unit last stride (the model's is (B,T,H,D))
-            g = g.contiguous()
-        dq, dk, dv = ctx.kern.backward(g, q, k, v, out_adj, lse_adj, ctx.aux, ctx.is_causal, ctx.scale)
+        q, k, v, out_adj, lse_adj, p_null = ctx.saved_tensors
+        dq, dk, dv = _kernel_backward(ctx, g, q, k, v, out_adj, lse_adj)
         d_log_n = None
-        if ctx.needs_input_grad[3]:
-            p_null = torch.exp(log_n - lse_adj)
-            row = torch.linalg.vecdot(g.float(), out_adj.float())  # rowsum(dO * O')
-            d_log_n = (-(p_null * row)).sum_to_size(ctx.log_n_shape)
+        if ctx.needs_input_grad[3]:  # dL/db = -sum_rows p_null * rowsum(dO * O')
+            cd = lse_adj.dtype  # fp32 for half inputs, fp64 for fp64 ones (fp32 here cost fp64 runs 1e-7)
+            row = torch.linalg.vecdot(g.to(cd), out_adj.to(cd))
+            d_log_n = (p_null * row).sum_to_size(ctx.log_n_shape).neg_()
         return dq, dk, dv, d_log_n, None, None, None
 
 
@@ -229,6 +254,19 @@ def _constant(value: float, like: Tensor) -> Tensor:
     return t
 
 
+def _kv_adjust(out: Tensor, lse: Tensor, q: Tensor, k_b: Tensor, v_b: Tensor, scale: float):
+    """(out', LSE', p') for the key/value bias: with s' = scale q.k' the bias key's logit per query,
+    LSE' = logaddexp(LSE, s'), p' = exp(s' - LSE') its weight and out' = out exp(LSE - LSE') + p' v'."""
+    cd = lse.dtype
+    s_b = torch.linalg.vecdot(q.to(cd), k_b.to(cd).unsqueeze(1)) * scale
+    lse_adj = torch.logaddexp(lse, s_b)
+    p_b = torch.exp(s_b - lse_adj)
+    keep = torch.exp(lse - lse_adj).unsqueeze(-1)
+    # out * keep + p' v' (a rank-one term per head), in the compute dtype
+    out_adj = torch.addcmul(out.to(cd) * keep, p_b.unsqueeze(-1), v_b.to(cd).unsqueeze(1)).to(out.dtype)
+    return out_adj, lse_adj, p_b
+
+
 class _KVBiasLSEAttention(torch.autograd.Function):
     """Softmax attention over [k'; keys], [v'; values] from a fused kernel's output and LSE; exact forward
     and backward (the module docstring derives both). k_b, v_b: (H, D) and (H, Dv)."""
@@ -236,23 +274,15 @@ class _KVBiasLSEAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, k_b, v_b, is_causal, scale, kern):
         out, lse, aux = kern.forward(q, k, v, is_causal, scale)
-        cd = lse.dtype
-        s_b = torch.linalg.vecdot(q.to(cd), k_b.to(cd).unsqueeze(1)) * scale  # the bias key's logit per query
-        lse_adj = torch.logaddexp(lse, s_b)
-        p_b = torch.exp(s_b - lse_adj)  # the weight on the bias key
-        keep = torch.exp(lse - lse_adj).unsqueeze(-1)
-        # out * keep + p' v' (a rank-one term per head), in the compute dtype
-        out_adj = torch.addcmul(out.to(cd) * keep, p_b.unsqueeze(-1), v_b.to(cd).unsqueeze(1)).to(out.dtype)
+        out_adj, lse_adj, p_b = _kv_adjust(out, lse, q, k_b, v_b, scale)
         ctx.save_for_backward(q, k, v, k_b, v_b, out_adj, lse_adj, p_b)
-        ctx.aux, ctx.is_causal, ctx.scale, ctx.kern = aux, is_causal, scale, kern
+        _stash(ctx, aux, is_causal, scale, kern)
         return out_adj
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, k_b, v_b, out_adj, lse_adj, p_b = ctx.saved_tensors
-        if g.stride(-1) != 1:
-            g = g.contiguous()
-        dq, dk, dv = ctx.kern.backward(g, q, k, v, out_adj, lse_adj, ctx.aux, ctx.is_causal, ctx.scale)
+        dq, dk, dv = _kernel_backward(ctx, g, q, k, v, out_adj, lse_adj)
         cd = p_b.dtype
         gc = g.to(cd)
         rowsum = torch.linalg.vecdot(gc, out_adj.to(cd))  # the full row's rowsum(dO * O), as the kernel's
@@ -311,6 +341,11 @@ def null_path(q: Tensor, dropout_p: float, cuda_kernel: str = "auto") -> str:
     return "prefix"
 
 
+def _grad_needed(*xs) -> bool:
+    """Whether autograd would record a graph through any of the tensors among xs."""
+    return torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in xs)
+
+
 def null_attention(path: str, q: Tensor, k: Tensor, v: Tensor, log_n: Tensor | float, is_causal: bool,
                    scale: float, dropout_p: float) -> Tensor:
     """softmax_n attention with null logit `log_n` (a float, or (H, 1) per head) on `path`, a name
@@ -318,8 +353,12 @@ def null_attention(path: str, q: Tensor, k: Tensor, v: Tensor, log_n: Tensor | f
     if path == "prefix":
         ln = log_n if isinstance(log_n, Tensor) else _constant(log_n, q)
         return _prefix_attention(q, k, v, ln, is_causal, scale, dropout_p)
-    return _NullLSEAttention.apply(q, k, v, float(log_n) if not isinstance(log_n, Tensor) else log_n, is_causal,
-                                   scale, _KERNEL_NAMED[path])
+    kern = _KERNEL_NAMED[path]
+    log_n = log_n if isinstance(log_n, Tensor) else float(log_n)
+    if not _grad_needed(q, k, v, log_n):  # evaluation, measurement, sampling: no autograd node to build
+        out, lse, _ = kern.forward(q, k, v, is_causal, scale)
+        return out.mul_(_null_adjust(lse, log_n)[0].unsqueeze(-1))
+    return _NullLSEAttention.apply(q, k, v, log_n, is_causal, scale, kern)
 
 
 def kv_bias_attention(path: str, q: Tensor, k: Tensor, v: Tensor, k_b: Tensor, v_b: Tensor, is_causal: bool,
@@ -328,4 +367,8 @@ def kv_bias_attention(path: str, q: Tensor, k: Tensor, v: Tensor, k_b: Tensor, v
     `path`, a name `null_path` returned: an LSE kernel's, or "prefix"."""
     if path == "prefix":
         return _kv_prefix_attention(q, k, v, k_b, v_b, is_causal, scale, dropout_p)
-    return _KVBiasLSEAttention.apply(q, k, v, k_b, v_b, is_causal, scale, _KERNEL_NAMED[path])
+    kern = _KERNEL_NAMED[path]
+    if not _grad_needed(q, k, v, k_b, v_b):
+        out, lse, _ = kern.forward(q, k, v, is_causal, scale)
+        return _kv_adjust(out, lse, q, k_b, v_b, scale)[0]
+    return _KVBiasLSEAttention.apply(q, k, v, k_b, v_b, is_causal, scale, kern)
