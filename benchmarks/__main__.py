@@ -91,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         for row in (r or {}).get("results", []):
             table.append(("training steps", f"{row['preset']} {row['variant']}",
                           f"{row['tokens_per_s']:.0f} tok/s ({row['ratio_to_softmax']:.3f}x softmax)", ""))
+    if "train_step" not in skip:
+        r = run("train_step", ["--steps", "30"] if a.quick else [], out)
+        for row in (r or {}).get("results", []):
+            if row["variant"] != "softmax":
+                table.append(("training steps, paired", f"shakespeare-char-cpu {row['variant']}",
+                              f"{row['step_ms']:.1f} ms/step ({row['step_paired_diff_ms']:+.2f} ms, "
+                              f"{row['step_speed_vs_softmax']:.3f}x softmax)", ""))
     if _has_cuda() and "attention_gpu" not in skip:
         r = run("attention", ["--device", "cuda", "--B", "8", "--H", "12", "--max-reference-T", "4096"]
                 + (["--reps", "3", "--T", "1024"] if a.quick else []), out, tag="attention_gpu")

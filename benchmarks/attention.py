@@ -8,6 +8,9 @@ Memory is reported two ways: `saved_mb`, the bytes autograd keeps for the backwa
 deterministic: O(T) for a fused path, O(T^2) when the T x T probabilities are kept), and, on CUDA,
 `peak_mb`, the allocator's peak during fwd+bwd; on CPU `peak_mb` is the peak resident-set growth of a
 fresh subprocess running one fwd+bwd (with --no-rss to skip it).
+With --prefix the LSE variants also get a row on their exact fallback, SDPA over a prepended null key
+(kernels.null_attention's "prefix"), which null_path passes over wherever an LSE kernel runs: the row
+says by how much that choice wins at each shape (e.g. --T 64 --B 12 --H 4 --D 32, the CPU preset's).
 Goal (issue 3/7): softmax1, softmax_n and sink fast paths <= 1.05x SDPA's time at T = 1024 and 2048.
 The later variants (softpick, outgate, sigmoid, kvbias) have rows too, with no goal: softpick and sigmoid
 have no fused kernel, their fast path is the O(T)-memory chunked pass (quietgpt/chunked.py).
@@ -34,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from quietgpt.atomic import atomic_write_json
 
 A = importlib.import_module("quietgpt.attention")  # the module (the package exports a function of this name)
+K = importlib.import_module("quietgpt.kernels")
 
 VARIANTS = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated", "softpick", "outgate", "sigmoid",
             "kvbias")
@@ -67,6 +71,8 @@ def run_once(name, path, q, k, v, extra):
     pins SDPA's backend (sdpa rows), "auto:flash" quietgpt's LSE kernel (null-logit variants, through
     AttentionOptions.cuda_kernel)."""
     path, _, kernel = path.partition(":")
+    if path == "prefix":  # the null-key SDPA path the LSE variants fall back to, pinned for comparison
+        return _run_prefix(name, q, k, v, extra)
     if name == "sdpa":
         backend = {"": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                    "efficient": SDPBackend.EFFICIENT_ATTENTION}[kernel]
@@ -80,6 +86,19 @@ def run_once(name, path, q, k, v, extra):
                                    kv_bias=extra["kv_bias"] if name == "kvbias" else None)
     out.backward(torch.ones_like(out))
     return chosen
+
+
+def _run_prefix(name, q, k, v, extra) -> str:
+    """One fwd+bwd of an LSE variant on its "prefix" path (SDPA over a prepended null key): the exact
+    alternative `null_path` passes over whenever an LSE kernel runs, timed to show why."""
+    scale = q.shape[-1] ** -0.5
+    if name == "kvbias":
+        out = K.kv_bias_attention("prefix", q, k, v, *extra["kv_bias"], True, scale, 0.0)
+    else:
+        log_n = A.null_log_n(name, options(name, "auto", "").n, extra["sink_logit"])
+        out = K.null_attention("prefix", q, k, v, log_n, True, scale, 0.0)
+    out.backward(torch.ones_like(out))
+    return "prefix"
 
 
 def saved_bytes(name, path, q, k, v, extra) -> int:
@@ -151,6 +170,8 @@ def bench(args) -> dict:
             cands.append((name, "auto"))
             if device.startswith("cuda") and args.kernels and name in A.LSE_VARIANTS:
                 cands += [(name, "auto:flash"), (name, "auto:cudnn")]
+            if args.prefix and name in A.LSE_VARIANTS:
+                cands.append((name, "prefix"))
             if T <= args.max_reference_T and name != "clipped":  # clipped's auto path *is* the reference
                 cands.append((name, "reference"))
         times = {c: [] for c in cands}
@@ -211,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-kernels", dest="kernels", action="store_false",
                    help="CUDA: skip the rows that pin each SDPA backend and each LSE kernel")
     p.add_argument("--no-rss", dest="memory", action="store_false", help="skip the per-candidate peak memory")
+    p.add_argument("--prefix", action="store_true",
+                   help="also time the LSE variants' exact fallback, SDPA over a prepended null key")
     p.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rss_child:

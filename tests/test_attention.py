@@ -115,7 +115,7 @@ def test_reference_matches_float64_formula(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("shape", [(2, 3, 37, 16), (1, 1, 1, 8), (3, 2, 130, 32)])
+@pytest.mark.parametrize("shape", [(2, 3, 37, 16), (1, 1, 1, 8), (3, 2, 130, 32), (1, 2, 260, 16)])  # kvbias: LSE
 def test_fast_equals_reference_values_and_grads(variant, shape):
     B, H, T, D = shape
     q, k, v = make_qkv(B, H, T, D, seed=T)
@@ -142,7 +142,8 @@ def test_fast_equals_reference_values_and_grads(variant, shape):
 def test_fast_path_float64_exact(variant):
     """In float64 each fast path (fused LSE, or chunked) reproduces the naive formula and its gradients
     to ~1e-10."""
-    q, k, v = make_qkv(dtype=torch.float64)
+    T = K.KV_PREFIX_MAX_T_CPU + 3 if variant == "kvbias" else 37  # kvbias runs "prefix" at small T on the CPU
+    q, k, v = make_qkv(T=T, dtype=torch.float64)
     kw = kwargs_for(variant, 3, torch.float64)
     assert select_path(variant, "auto", q) == ("chunked" if variant in ("softpick", "sigmoid") else "lse-flash-cpu")
     out = attention(q, k, v, variant, **kw)
@@ -224,7 +225,9 @@ def test_path_selection_and_reporting():
     assert select_path("softmax1", "auto", q, need_probs=True) == "reference"
     assert select_path("sink", "reference", q) == "reference"
     assert select_path("outgate", "auto", q) == "sdpa"
-    assert select_path("kvbias", "auto", q) == "lse-flash-cpu"
+    assert select_path("kvbias", "auto", q) == "prefix"  # T = 37: faster than the LSE kernel, by measurement
+    long_q = torch.zeros(1, 1, K.KV_PREFIX_MAX_T_CPU + 1, 8)
+    assert select_path("kvbias", "auto", long_q) == "lse-flash-cpu"
     assert select_path("kvbias", "auto", q, dropout_p=0.1) == "prefix"
     assert select_path("softpick", "auto", q) == select_path("sigmoid", "auto", q) == "chunked"
     assert select_path("sigmoid", "auto", q, dropout_p=0.1) == "reference"  # chunked has no dropout

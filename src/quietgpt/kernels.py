@@ -186,13 +186,16 @@ def lse_kernel_for(q: Tensor, preference: str = "auto"):
 _SOFTPLUS_THRESHOLD = {torch.float64: 40.0}
 
 
-def _null_adjust(lse: Tensor, log_n: Tensor | float) -> tuple[Tensor, Tensor]:
+def _null_adjust(lse: Tensor, log_n: Tensor | float, with_lse: bool = True) -> tuple[Tensor, Tensor | None]:
     """(keep, LSE') for null logit log_n: keep = sigmoid(LSE - log n), the mass softmax_n leaves on the real
-    keys, and LSE' = logaddexp(LSE, log n) = log n + softplus(LSE - log n), the row's full log-sum-exp. Few
-    ops on purpose: at small T their fixed cost is most of what the path adds to SDPA."""
+    keys, and LSE' = logaddexp(LSE, log n) = log n + softplus(LSE - log n), the row's full log-sum-exp (only
+    the backward needs it: None unless with_lse). Few ops on purpose: at small T their fixed cost is most
+    of what the path adds to SDPA."""
     zero = isinstance(log_n, float) and log_n == 0.0
     z = lse if zero else lse - log_n
     keep = torch.sigmoid(z)
+    if not with_lse:
+        return keep, None
     soft = F.softplus(z, threshold=_SOFTPLUS_THRESHOLD.get(lse.dtype, 20.0))
     return keep, soft if zero else soft + log_n
 
@@ -346,6 +349,23 @@ def _grad_needed(*xs) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in xs)
 
 
+# Up to this many queries the key/value bias is faster on the CPU as SDPA over [k'; keys] ("prefix") than on
+# the LSE kernel, whose adjustment (a dozen small ops each way) is a fixed cost the one extra key is not:
+# `python benchmarks/attention.py --T 64 --T 128 --T 256 --T 512 --B 12 --H 4 --D 32 --prefix --variants
+# kvbias` (fwd+bwd, 2 threads) gave prefix 1.31 / 1.18 / 1.10 / 1.09x SDPA, LSE 1.60 / 1.33 / 1.17 / 1.06x.
+# The null-logit variants keep the LSE kernel at every T: their prefix path was 1.6x at T = 64 (same command).
+KV_PREFIX_MAX_T_CPU = 256
+
+
+def kv_bias_path(q: Tensor, dropout_p: float, cuda_kernel: str = "auto") -> str:
+    """The key/value bias's path for `q`: null_path's, except "prefix" for the CPU kernel at small T (the
+    faster exact path there, by measurement: KV_PREFIX_MAX_T_CPU)."""
+    path = null_path(q, dropout_p, cuda_kernel)
+    if path == _CpuFlash.name and q.shape[-2] <= KV_PREFIX_MAX_T_CPU:
+        return "prefix"
+    return path
+
+
 def null_attention(path: str, q: Tensor, k: Tensor, v: Tensor, log_n: Tensor | float, is_causal: bool,
                    scale: float, dropout_p: float) -> Tensor:
     """softmax_n attention with null logit `log_n` (a float, or (H, 1) per head) on `path`, a name
@@ -357,7 +377,7 @@ def null_attention(path: str, q: Tensor, k: Tensor, v: Tensor, log_n: Tensor | f
     log_n = log_n if isinstance(log_n, Tensor) else float(log_n)
     if not _grad_needed(q, k, v, log_n):  # evaluation, measurement, sampling: no autograd node to build
         out, lse, _ = kern.forward(q, k, v, is_causal, scale)
-        return out.mul_(_null_adjust(lse, log_n)[0].unsqueeze(-1))
+        return out.mul_(_null_adjust(lse, log_n, with_lse=False)[0].unsqueeze(-1))
     return _NullLSEAttention.apply(q, k, v, log_n, is_causal, scale, kern)
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .chunked import chunked_attention
 from .errors import ConfigError
-from .kernels import kv_bias_attention, null_attention, null_path
+from .kernels import kv_bias_attention, kv_bias_path, null_attention, null_path
 from .softmax import (
     SOFTPICK_EPS,
     check_clip_params,
@@ -143,7 +143,7 @@ def _check_sigmoid(o: AttentionOptions) -> None:
 
 SDPA = FastPath(choose=lambda q, dropout_p, cuda_kernel: "sdpa", run=_sdpa)
 NULL_LOGIT = FastPath(choose=null_path, run=_null_run)  # an LSE kernel, else the null-key prefix
-KV_BIAS = FastPath(choose=null_path, run=_kv_run)  # the same LSE kernels with a per-query null logit
+KV_BIAS = FastPath(choose=kv_bias_path, run=_kv_run)  # the LSE kernels with a per-query null logit; prefix at small T
 
 
 def _sink_logit(n: float, sink_logit: Tensor | None) -> Tensor:
@@ -171,7 +171,8 @@ VARIANT_SPECS: dict[str, Variant] = {
 }
 VARIANTS = tuple(VARIANT_SPECS)
 NULL_VARIANTS = tuple(v for v, s in VARIANT_SPECS.items() if s.unassigned)  # report 1 - row sum
-LSE_VARIANTS = tuple(v for v, s in VARIANT_SPECS.items() if s.fast is not None and s.fast.choose is null_path)
+LSE_VARIANTS = tuple(v for v, s in VARIANT_SPECS.items()
+                     if s.fast is not None and s.fast.choose in (null_path, kv_bias_path))
 OPTION_OWNERS = {f: v for v, s in VARIANT_SPECS.items() for f in s.options}  # AttentionOptions field -> variant
 
 
