@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,7 @@ from quietgpt.model import GPT
 from quietgpt.training.step import NonFiniteGuard, build_step_parts, train_step
 
 VARIANTS = ("softmax", "softmax1", "softmax_n", "sink")
-WARMUP = 20  # rounds left out of the medians: allocator and caches settle
+WARMUP = 20  # default rounds left out of the medians: allocator and caches settle
 
 
 CHAR_VOCAB = 65  # tiny Shakespeare's characters: what a char preset's model gets from its data
@@ -76,7 +77,7 @@ def bench(args) -> dict:
         row = {"variant": v, "paths": sorted({p for p in built[v][0].base_model.attention_paths() if p}),
                "all_step_ms": [t * 1e3 for t in step_s[v]], "all_nograd_forward_ms": [t * 1e3 for t in fwd_s[v]]}
         for name, s in (("step", step_s), ("nograd_forward", fwd_s)):
-            mine, theirs = s[v][WARMUP:], s[base][WARMUP:]
+            mine, theirs = s[v][args.warmup:], s[base][args.warmup:]
             row[f"{name}_ms"] = statistics.median(mine) * 1e3
             row[f"{name}_paired_diff_ms"] = statistics.median(a - b for a, b in zip(mine, theirs)) * 1e3
             row[f"{name}_speed_vs_{base}"] = statistics.median(theirs) / statistics.median(mine)
@@ -84,7 +85,7 @@ def bench(args) -> dict:
         print(f"{v:>10s} step {row['step_ms']:7.2f} ms ({row['step_paired_diff_ms']:+.2f}, "
               f"x{row[f'step_speed_vs_{base}']:.3f})   no_grad forward {row['nograd_forward_ms']:6.2f} ms "
               f"({row['nograd_forward_paired_diff_ms']:+.2f})   {','.join(row['paths'])}", flush=True)
-    return {"benchmark": "train_step", "preset": args.preset, "steps": args.steps, "warmup": WARMUP,
+    return {"benchmark": "train_step", "preset": args.preset, "steps": args.steps, "warmup": args.warmup,
             "batch": [B, T], "vocab_size": vocab, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpus": os.cpu_count()},
@@ -93,20 +94,19 @@ def bench(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", help="write results here")
+    p.add_argument("--json", required=True, help="write results here")
     p.add_argument("--preset", default="shakespeare-char-cpu")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; the first is the baseline")
     p.add_argument("--steps", type=int, default=400, help="rounds (one step of every variant each)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--warmup", type=int, default=WARMUP, help="first rounds left out of the medians")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    if args.steps <= WARMUP:
-        p.error(f"--steps must exceed the {WARMUP} warm-up rounds")
-    result = bench(args)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        atomic_write_json(args.json, result)
+    if not 0 <= args.warmup < args.steps:
+        p.error(f"--steps must exceed --warmup ({args.warmup}) rounds")
+    Path(args.json).resolve().parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.json, bench(args))
     return 0
 
 

@@ -178,20 +178,18 @@ def test_train_process_benchmark_times_whole_processes(tmp_path):
 def test_train_step_benchmark_pairs_steps(tmp_path):
     """Every round times one real train_step per variant: the medians and paired differences are those of
     the raw times after the warm-up, the batch is the preset's and each variant ran its own path."""
-    from benchmarks.train_step import WARMUP
-
     out = tmp_path / "s.json"
-    steps = WARMUP + 3
+    warmup, steps = 2, 5
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--json", str(out), "--steps", str(steps),
-           "--variants", "softmax,softmax1"]
+           "--warmup", str(warmup), "--variants", "softmax,softmax1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
-    assert doc["batch"] == [12, 64] and doc["vocab_size"] == 65  # shakespeare-char-cpu on its data
+    assert doc["batch"] == [12, 64] and doc["vocab_size"] == 65 and doc["warmup"] == 2  # shakespeare-char-cpu
     rows = {r["variant"]: r for r in doc["results"]}
     assert rows["softmax"]["paths"] == ["sdpa"] and rows["softmax1"]["paths"] == ["lse-flash-cpu"]
-    base = rows["softmax"]["all_step_ms"][WARMUP:]
-    mine = rows["softmax1"]["all_step_ms"][WARMUP:]
+    base = rows["softmax"]["all_step_ms"][warmup:]
+    mine = rows["softmax1"]["all_step_ms"][warmup:]
     assert len(mine) == 3 and len(rows["softmax1"]["all_step_ms"]) == steps
     assert rows["softmax1"]["step_ms"] == pytest.approx(sorted(mine)[1])
     assert rows["softmax1"]["step_paired_diff_ms"] == pytest.approx(sorted(a - b for a, b in zip(mine, base))[1])
