@@ -5,8 +5,9 @@
 
 Each case is a fresh `python -m quietgpt train --preset shakespeare-char-cpu` process (start-up, data,
 evals, trajectories and checkpoints included), timed by the wall clock around the process, in rounds
-A B C ... A B C so slow drifts in machine load hit every case alike; the median per case and its ratio
-to softmax's are reported, next to the tokens/s the run's own summary.json gives (training steps only).
+A B C, C B A, ... so slow drifts in machine load hit every case alike; the median per case and its ratio
+to softmax's are reported, each round's own (paired) ratio too, next to the tokens/s the run's own
+summary.json gives (training steps only).
 With --nanogpt (a karpathy/nanoGPT checkout, used only here, never imported by quietgpt) nanoGPT's
 train.py runs its README's CPU command for the same iterations, interleaved, against quietgpt softmax
 with the same work (trajectories off: nanoGPT has none; its checkpoint writes kept on both sides).
@@ -75,6 +76,7 @@ def _row(case: str, runs: list[dict], base: list[dict] | None) -> dict:
         row["summary_tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in runs)
     if base is not None:
         row["speed_vs_base"] = statistics.median(r["wall_s"] for r in base) / wall
+        row["speed_vs_base_by_round"] = [b["wall_s"] / r["wall_s"] for b, r in zip(base, runs)]  # paired
     return row
 
 
@@ -96,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     plain: list[dict] = []
     theirs: list[dict] = []
     try:
-        for _ in range(a.rounds):
-            for v in variants:
+        for i in range(a.rounds):
+            for v in variants if i % 2 == 0 else variants[::-1]:  # A B C, C B A: drift within a round cancels
                 runs[v].append(quiet_run(v, a.shakespeare, a.iters, work / "run", []))
                 print(f"{v:>10s} {runs[v][-1]['wall_s']:7.1f} s", flush=True)
             if a.nanogpt:

@@ -172,6 +172,7 @@ def test_train_process_benchmark_times_whole_processes(tmp_path):
         assert r["summary_tokens_per_s"] > r["process_tokens_per_s"] > 0  # start-up counts in the process's
         assert r["process_tokens_per_s"] == pytest.approx(3 * 12 * 64 / r["wall_s"])
     assert rows["softmax1"]["speed_vs_base"] == pytest.approx(rows["softmax"]["wall_s"] / rows["softmax1"]["wall_s"])
+    assert rows["softmax1"]["speed_vs_base_by_round"] == pytest.approx([rows["softmax1"]["speed_vs_base"]])
     assert doc["goals"] == {"softmax1_ge_0.97x_softmax": rows["softmax1"]["speed_vs_base"] >= 0.97}
 
 
