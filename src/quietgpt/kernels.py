@@ -26,7 +26,8 @@ identity gives it exactly and cheaply: with LSE' = logaddexp(LSE, s'),
 and the kernel's backward, handed LSE' and this output, gives dq, dk, dv of every real key (its
 rowsum(dO * O) term is the full row's); the bias column adds its own dS' = p' (dO.v' - rowsum(dO * O)),
 so dq += scale dS' k', dk' = scale sum_rows dS' q, dv' = sum_rows p' dO. Without an LSE kernel (or with
-dropout) it is SDPA over [k'; keys] itself, column 0 visible to every query (Sun et al.'s own code).
+dropout) it is SDPA over [k'; keys] itself, column 0 visible to every query (Sun et al.'s own code); on
+the CPU also up to KV_PREFIX_MAX_T_CPU queries, where that measured faster (`kv_bias_path` picks).
 
 A kernel is a class with `name`, `supports(q)`, `forward(q, k, v, is_causal, scale) -> (out, lse (B,H,T)
 fp32, aux)` and `backward(grad, q, k, v, out, lse, aux, is_causal, scale) -> (dq, dk, dv)`. Imports flow
@@ -384,7 +385,7 @@ def null_attention(path: str, q: Tensor, k: Tensor, v: Tensor, log_n: Tensor | f
 def kv_bias_attention(path: str, q: Tensor, k: Tensor, v: Tensor, k_b: Tensor, v_b: Tensor, is_causal: bool,
                       scale: float, dropout_p: float) -> Tensor:
     """Softmax attention over [k'; keys], [v'; values] (k_b (H, D), v_b (H, Dv), learned per head) on
-    `path`, a name `null_path` returned: an LSE kernel's, or "prefix"."""
+    `path`, a name `kv_bias_path` returned: an LSE kernel's, or "prefix"."""
     if path == "prefix":
         return _kv_prefix_attention(q, k, v, k_b, v_b, is_causal, scale, dropout_p)
     kern = _KERNEL_NAMED[path]
