@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         r = run("train_step", ["--steps", "30"] if a.quick else [], out)
         for row in (r or {}).get("results", []):
             if row["variant"] != "softmax":
-                table.append(("training steps, paired", f"shakespeare-char-cpu {row['variant']}",
+                table.append(("training steps, paired", f"{r['preset']} {row['variant']}",
                               f"{row['step_ms']:.1f} ms/step ({row['step_paired_diff_ms']:+.2f} ms, "
                               f"{row['step_speed_vs_softmax']:.3f}x softmax)", ""))
     if _has_cuda() and "attention_gpu" not in skip:

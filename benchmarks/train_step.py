@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from quietgpt.atomic import atomic_write_json
-from quietgpt.config import load_config
+from quietgpt.config import apply_overrides, load_config
 from quietgpt.model import GPT
 from quietgpt.training.step import NonFiniteGuard, build_step_parts, train_step
 
@@ -41,8 +41,7 @@ def build(preset: str, variant: str, seed: int):
     (a char-level preset gets tiny Shakespeare's vocabulary, which its data would set)."""
     cfg = load_config(preset, {"model.attention": variant, "train.device": "cpu"})
     if cfg.data.tokenizer == "char":
-        cfg = load_config(preset, {"model.attention": variant, "train.device": "cpu",
-                                   "model.vocab_size": CHAR_VOCAB})
+        cfg = apply_overrides(cfg, {"model.vocab_size": CHAR_VOCAB})
     mc = cfg.model
     torch.manual_seed(seed)
     model = GPT(mc)
