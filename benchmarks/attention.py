@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from quietgpt.atomic import atomic_write_json
+from quietgpt.utils.atomic import atomic_write_json
 
-A = importlib.import_module("quietgpt.attention")  # the module (the package exports a function of this name)
-K = importlib.import_module("quietgpt.kernels")
+A = importlib.import_module("quietgpt.nn.attention")  # the module (the package exports a function of this name)
+K = importlib.import_module("quietgpt.nn.kernels")
 
 VARIANTS = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated", "softpick", "outgate", "sigmoid",
             "kvbias")

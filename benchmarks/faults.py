@@ -5,7 +5,7 @@
 Every trial starts `python -m quietgpt train` (a tiny model on a small synthetic corpus, a checkpoint every
 few iterations) or `python -m quietgpt study` (2 variants x 2 seeds of the same tiny model) in a
 subprocess and SIGKILLs it, once or twice, either at a random moment or in the middle of a checkpoint
-write (QUIETGPT_TEST_SLOW_WRITE makes quietgpt.atomic sleep between writing a temporary file and renaming
+write (QUIETGPT_TEST_SLOW_WRITE makes quietgpt.utils.atomic sleep between writing a temporary file and renaming
 it; the trial waits for a temporary file to appear, then kills). After each kill every file a reader
 would load is checked (train_state.pt with torch.load(weights_only=True), *.safetensors with safetensors,
 *.json with json). Then the run is resumed (`train --resume`, or the same study command again) until it
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from quietgpt.atomic import atomic_write_text
+from quietgpt.utils.atomic import atomic_write_text
 
 # The tiny run: ~1.5 s of training per 60 iterations on a loaded 2-core machine, a checkpoint every 10.
 TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "train.batch_size=4",

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from quietgpt.atomic import atomic_write_json
 from quietgpt.config import apply_overrides, load_config
-from quietgpt.model import GPT
+from quietgpt.nn.model import GPT
+from quietgpt.utils.atomic import atomic_write_json
 
 
 def gflops(M: int, K: int, N: int, reps: int) -> float:

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from quietgpt import GPT, GPTConfig
-from quietgpt.atomic import atomic_write_json
-from quietgpt.metrics import measure
-from quietgpt.perplexity import calibration_batches, eval_windows, nll_pass
-from quietgpt.quant import parse_quant, quantized
+from quietgpt.measurement.evaluate import measure
+from quietgpt.measurement.perplexity import calibration_batches, eval_windows, nll_pass
+from quietgpt.quant.simulated import quantized
+from quietgpt.quant.spec import parse_quant
+from quietgpt.utils.atomic import atomic_write_json
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from quietgpt.atomic import atomic_write_json
 from quietgpt.config import load_config
-from quietgpt.train import train
+from quietgpt.training.loop import train
+from quietgpt.utils.atomic import atomic_write_json
 
 
 def run_config(data: str, variant: str, out: Path, iters: int, seed: int, threads: int, cache: str, **extra):

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from quietgpt.atomic import atomic_write_json
 from quietgpt.study import run_study
+from quietgpt.utils.atomic import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from quietgpt.atomic import atomic_write_json
 from quietgpt.config import TrainConfig, apply_overrides, load_config
-from quietgpt.device import allow_tf32, amp_context
 from quietgpt.errors import QuietError
-from quietgpt.model import GPT, GPTConfig
-from quietgpt.training import NonFiniteGuard, build_step_parts, train_step
+from quietgpt.nn.model import GPT, GPTConfig
+from quietgpt.training.step import NonFiniteGuard, build_step_parts, train_step
+from quietgpt.utils.atomic import atomic_write_json
+from quietgpt.utils.device import allow_tf32, amp_context
 
 PEAKS = {"H100": 989.5, "H200": 989.5, "GH200": 989.5, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from quietgpt.atomic import atomic_write_json
+from quietgpt.utils.atomic import atomic_write_json
 
 VARIANTS = ("softmax", "softmax1", "softmax_n", "sink")
 GOAL_VARIANT, GOAL_NANOGPT = 0.97, 1.2

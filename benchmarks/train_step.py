@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from quietgpt.atomic import atomic_write_json
 from quietgpt.config import apply_overrides, load_config
-from quietgpt.model import GPT
+from quietgpt.nn.model import GPT
 from quietgpt.training.step import NonFiniteGuard, build_step_parts, train_step
+from quietgpt.utils.atomic import atomic_write_json
 
 VARIANTS = ("softmax", "softmax1", "softmax_n", "sink")
 WARMUP = 20  # default rounds left out of the medians: allocator and caches settle

@@ -27,9 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quietgpt.atomic import atomic_write_json
 from quietgpt.config import load_config
-from quietgpt.train import train
+from quietgpt.training.loop import train
+from quietgpt.utils.atomic import atomic_write_json
 
 VARIANTS = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated")
 NANOGPT_CPU = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from quietgpt.atomic import atomic_write_json
 from quietgpt.config import apply_overrides, load_config
-from quietgpt.study import resolve_spec
-from quietgpt.train import train
+from quietgpt.study.spec import resolve_spec
+from quietgpt.training.loop import train
+from quietgpt.utils.atomic import atomic_write_json
 
 
 def one_run(cfg, out: Path) -> dict:

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from quietgpt import AttentionOptions, QuietAttention, attention, select_path
-from quietgpt import kernels as K
 from quietgpt.errors import ConfigError
+from quietgpt.nn import kernels as K
 
-A = importlib.import_module("quietgpt.attention")  # the module: the package exports a function of this name
+A = importlib.import_module("quietgpt.nn.attention")  # the module: the package exports a function of this name
 
 VARIANTS = ["softmax", "softmax1", "softmax_n", "sink", "clipped", "gated", "softpick", "outgate", "sigmoid",
             "kvbias"]

@@ -152,7 +152,10 @@ HF_MODELS = {  # folder name -> GPT2Config fields (see make_world)
 
 
 def _api_rows():
-    from quietgpt import checkpoint, config, metrics, study, train
+    from quietgpt import config, study
+    from quietgpt.measurement import evaluate as metrics
+    from quietgpt.runs import checkpoint
+    from quietgpt.training import loop as train
 
     return {
         "api-load-model": ("checkpoint.load_model on a missing folder", lambda w: checkpoint.load_model(w / "missing")),
@@ -175,7 +178,8 @@ def _api_rows():
 
 def _model_and_data(run: Path):
     """The trained run's model and its prepared data (for API rows that measure)."""
-    from quietgpt import checkpoint, data
+    from quietgpt.data import sources as data
+    from quietgpt.runs import checkpoint
 
     model, cfg = checkpoint.load_model(run)
     return model, data.prepare(cfg.data)
@@ -187,13 +191,13 @@ def _model_and_data(run: Path):
 def make_world(w: Path) -> Path:
     """A folder with a trained tiny run, damaged copies of it, a small study's study.json, and bad files."""
     from quietgpt.config import load_config, parse_assignments
-    from quietgpt.study import resolve_spec
-    from quietgpt.train import train
+    from quietgpt.study.spec import resolve_spec
+    from quietgpt.training.loop import train
 
     w.mkdir(parents=True, exist_ok=True)
     cache = w / "cache"
     n = torch.get_num_threads()
-    from quietgpt.data import prepare
+    from quietgpt.data.sources import prepare
 
     # prepared first, so that train reads the meta back from meta.json (see test_faults.py's test of a
     # fresh in-process prepare, whose numpy scalars made train_state.pt unloadable)

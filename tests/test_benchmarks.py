@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from quietgpt import GPT, GPTConfig
-from quietgpt.registry import study_metrics, trajectory_metrics
+from quietgpt.measurement.registry import study_metrics, trajectory_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

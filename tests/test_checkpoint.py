@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quietgpt import checkpoint as ckpt
 from quietgpt.config import RunConfig, apply_overrides
 from quietgpt.errors import QuietError
-from quietgpt.model import GPT
+from quietgpt.nn.model import GPT
+from quietgpt.runs import checkpoint as ckpt
 
 
 def small_cfg(**over) -> RunConfig:

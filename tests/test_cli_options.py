@@ -11,7 +11,7 @@ import pytest
 from quietgpt.cli import build_parser, main
 from quietgpt.config import apply_overrides, load_config
 from quietgpt.errors import ConfigError
-from quietgpt.train import get_lr
+from quietgpt.training.schedule import get_lr
 
 TINY = ["--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=16",
         "--set", "model.block_size=16", "--set", "train.batch_size=2", "--set", "train.eval_interval=2",
@@ -170,7 +170,7 @@ def test_prepare_offers_only_what_it_uses(capsys):
 
 
 def test_help_shows_defaults_and_the_real_cache_path():
-    from quietgpt.data import user_cache_dir
+    from quietgpt.data.sources import user_cache_dir
 
     verbs = _verbs()
     sample = " ".join(verbs["sample"].format_help().split())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quietgpt.cli import main
-from quietgpt.model import GPT
+from quietgpt.nn.model import GPT
 
 TINY = ["--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=16",
         "--set", "model.block_size=16", "--set", "train.batch_size=4", "--set", "train.eval_interval=2",

@@ -5,15 +5,10 @@ import math
 import pytest
 
 from quietgpt.cli import main
-from quietgpt.config import (
-    RunConfig,
-    apply_overrides,
-    load_config,
-    parse_assignments,
-)
+from quietgpt.config import RunConfig, apply_overrides, load_config, parse_assignments
 from quietgpt.errors import ConfigError, QuietError
 from quietgpt.presets import preset_names, preset_text, read_toml
-from quietgpt.train import get_lr
+from quietgpt.training.schedule import get_lr
 
 
 def test_all_presets_load_and_nanogpt_numbers():

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from quietgpt import data as D
-from quietgpt import synthetic
-from quietgpt import tokenizers as TK
 from quietgpt.cli import main
 from quietgpt.config import DataConfig
+from quietgpt.data import sources as D
+from quietgpt.data import synthetic
+from quietgpt.data import tokenizers as TK
 from quietgpt.errors import ConfigError, QuietError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from quietgpt.config import load_config
-from quietgpt.train import train
+from quietgpt.training.loop import train
 
 TOL = 1e-5
 

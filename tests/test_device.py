@@ -1,12 +1,12 @@
-"""quietgpt.device: device names -> torch devices, and the autocast context a train.dtype gives."""
+"""quietgpt.utils.device: device names -> torch devices, and the autocast context a train.dtype gives."""
 
 import contextlib
 
 import pytest
 import torch
 
-from quietgpt.device import amp_context, resolve_device
 from quietgpt.errors import QuietError
+from quietgpt.utils.device import amp_context, resolve_device
 
 
 def test_resolve_device():

@@ -78,9 +78,9 @@ def text_file(tmp_path):
 
 
 def _checkpoint(tmp_path, text_file, attention="softmax1"):
-    from quietgpt.checkpoint import save_checkpoint
     from quietgpt.config import load_config
-    from quietgpt.data import prepare
+    from quietgpt.data.sources import prepare
+    from quietgpt.runs.checkpoint import save_checkpoint
 
     cfg = load_config("default", {"data.source": str(text_file), "data.tokenizer": "char",
                                   "data.cache_dir": str(tmp_path / "cache"), "model.block_size": 32,
@@ -99,7 +99,7 @@ def _checkpoint(tmp_path, text_file, attention="softmax1"):
 
 @pytest.mark.slow
 def test_eval_checkpoint_end_to_end(tmp_path, text_file, capsys):
-    from quietgpt.metrics import measure
+    from quietgpt.measurement.evaluate import measure
 
     ckpt, model, ds = _checkpoint(tmp_path, text_file)
     out = tmp_path / "eval.json"
@@ -142,7 +142,7 @@ def _hf_model(tmp_path, vocab: int):
 @pytest.mark.slow
 def test_eval_hf_gpt2_matches_transformers(tmp_path, text_file, capsys):
     from quietgpt.config import DataConfig
-    from quietgpt.data import prepare
+    from quietgpt.data.sources import prepare
 
     hf, path = _hf_model(tmp_path, 256)
     out = tmp_path / "hf.json"
@@ -175,7 +175,8 @@ def test_eval_hf_with_too_small_vocabulary_exits_2(tmp_path, text_file, capsys):
 def test_hf_gpt2_measured_like_transformers_without_data_module(tmp_path):
     import types
 
-    from quietgpt.metrics import load_hf_gpt2, measure
+    from quietgpt.interop.hf_import import load_hf_gpt2
+    from quietgpt.measurement.evaluate import measure
 
     hf, path = _hf_model(tmp_path, 64)
     model = load_hf_gpt2(path)

@@ -1,4 +1,4 @@
-"""`quietgpt export` (quietgpt.hf_export): every variant becomes a Hugging Face folder whose model computes the
+"""`quietgpt export` (quietgpt.interop.hf_export): every variant becomes a Hugging Face folder whose model computes the
 checkpoint's logits (1e-5, float32) and greedy continuations, loaded offline with transformers' own Auto
 classes; softmax as a plain GPT2LMHeadModel, the others through the modeling file quietgpt writes (which
 must not need quietgpt), whose config carries every attention setting (gate modes, sigmoid's bias). The
@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from quietgpt import checkpoint, hf_export
-from quietgpt.attention import VARIANTS
 from quietgpt.cli import main
 from quietgpt.config import load_config
 from quietgpt.errors import QuietError
-from quietgpt.gates import GATE_MODES
-from quietgpt.model import GPT
+from quietgpt.interop import hf_export
+from quietgpt.nn.gates import GATE_MODES
+from quietgpt.nn.model import GPT
+from quietgpt.nn.variants import VARIANTS
+from quietgpt.runs import checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -178,7 +179,7 @@ def test_a_fixed_sigmoid_bias_round_trips_and_is_the_same_in_every_call(tmp_path
 @pytest.mark.parametrize("variant", ["softmax_n", "clipped", "outgate", "sigmoid"])
 def test_the_config_round_trips_every_attention_setting(tmp_path, variant):
     """config.json -> QuietGPTConfig -> save again: the same attention settings, and they are the checkpoint's."""
-    from quietgpt.hf_modeling import modeling_quietgpt as mq
+    from quietgpt.interop.hf_modeling import modeling_quietgpt as mq
 
     extra = {"outgate": {"model.gate_mode": "headwise"}, "sigmoid": {"model.sigmoid_bias": "-1.75"}}.get(variant, {})
     ckpt = make_checkpoint(tmp_path / "ck", variant, **extra)
@@ -272,7 +273,8 @@ def test_labels_give_quietgpts_loss(exported, variant):
 
 
 def test_the_modeling_file_imports_only_torch_and_transformers():
-    source = resources.files("quietgpt.hf_modeling").joinpath(hf_export.MODELING_FILE).read_text(encoding="utf-8")
+    folder = resources.files("quietgpt.interop.hf_modeling")
+    source = folder.joinpath(hf_export.MODELING_FILE).read_text(encoding="utf-8")
     roots = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -317,7 +319,7 @@ def test_bfloat16_export_stores_bfloat16_weights(tmp_path):
 
 
 def test_char_tokenizer_json_encodes_as_quietgpt_does(exported):
-    from quietgpt.tokenizers import CharTokenizer
+    from quietgpt.data.tokenizers import CharTokenizer
 
     doc = json.loads((exported["softmax1"][1] / hf_export.TOKENIZER_FILE).read_text(encoding="utf-8"))
     assert doc["type"] == "char" and doc["itos"] == CHARS and doc["vocab_size"] == VOCAB
@@ -327,7 +329,7 @@ def test_char_tokenizer_json_encodes_as_quietgpt_does(exported):
 
 @pytest.mark.parametrize("name", ["byte", "synthetic"])
 def test_byte_and_synthetic_tokenizers_are_documented_json(tmp_path, name):
-    from quietgpt.data import get_tokenizer
+    from quietgpt.data.tokenizers import get_tokenizer
 
     tok = get_tokenizer(name)
     ckpt = make_checkpoint(tmp_path / "ck", "softmax1", tokenizer=tok.to_meta(), **{"model.vocab_size": tok.vocab_size})
@@ -465,7 +467,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(exported, tmp_path, cap
 def test_eval_hf_of_an_exported_softmax_model_gives_the_checkpoints_perplexity(tmp_path, shakespeare_path, capsys):
     """Trained on a text file with the char tokenizer; eval --hf is told --tokenizer char (it picks its
     tokenizer by flag, not from the export), so both evaluations read the same tokens."""
-    from quietgpt.train import train
+    from quietgpt.training.loop import train
 
     data = tmp_path / "text.txt"
     data.write_text(shakespeare_path.read_text(encoding="utf-8")[:40000], encoding="utf-8")
@@ -490,7 +492,7 @@ def test_eval_hf_of_an_exported_softmax_model_gives_the_checkpoints_perplexity(t
 def test_the_modeling_file_implements_every_quietgpt_variant_and_gate_mode():
     """A variant added to quietgpt fails here until modeling_quietgpt.py computes it (the export would
     otherwise stop at QuietGPTConfig's ValueError)."""
-    from quietgpt.hf_modeling import modeling_quietgpt as mq
+    from quietgpt.interop.hf_modeling import modeling_quietgpt as mq
 
     assert mq.VARIANTS == VARIANTS and mq.GATE_MODES == GATE_MODES
     assert set(SETTINGS) == set(VARIANTS)

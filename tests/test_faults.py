@@ -19,12 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quietgpt import atomic, cli
-from quietgpt import checkpoint as ckpt
+from quietgpt import cli
 from quietgpt.config import load_config
 from quietgpt.errors import QuietError
-from quietgpt.model import GPT
-from quietgpt.train import NonFiniteError, train
+from quietgpt.nn.model import GPT
+from quietgpt.runs import checkpoint as ckpt
+from quietgpt.training.loop import train
+from quietgpt.training.step import NonFiniteError
+from quietgpt.utils import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,7 +233,7 @@ def test_full_disk_while_saving(tmp_path, cache, monkeypatch, capsys, failing):
 
 HOLD = """
 import sys, time
-from quietgpt.runfolder import RunLock
+from quietgpt.runs.lock import RunLock
 RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)

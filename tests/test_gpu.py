@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quietgpt.checkpoint import load_model
 from quietgpt.config import load_config
-from quietgpt.train import train
+from quietgpt.runs.checkpoint import load_model
+from quietgpt.training.loop import train
 
 pytestmark = pytest.mark.gpu
 

@@ -19,8 +19,8 @@ import pytest
 
 from quietgpt.cli import main
 from quietgpt.config import load_config
-from quietgpt.registry import catalogue, study_metrics, trajectory_metrics
-from quietgpt.study import resolve_spec
+from quietgpt.measurement.registry import catalogue, study_metrics, trajectory_metrics
+from quietgpt.study.spec import resolve_spec
 
 PRESETS = ["shakespeare-char", "tinystories", "gpt2-small"]
 QUANT = ["w8a8", "w4a8"]  # the trajectories' default sweep (train.outlier_quant)

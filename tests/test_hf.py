@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 import (quietgpt.hf): every option it accepts gives transformers' own logits, and every
+"""Hugging Face GPT-2 import (interop/hf_import.py): every option it accepts gives transformers' own logits, and every
 option it cannot reproduce is a one-line QuietError naming the field and its value (`eval --hf`: exit 2)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from quietgpt.cli import main
 from quietgpt.errors import QuietError
-from quietgpt.metrics import load_hf_gpt2  # the name `eval --hf` has always used; it lives in quietgpt.hf now
+from quietgpt.interop.hf_import import from_hf, load_hf_gpt2
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,16 +102,15 @@ def test_a_saved_gpt2model_is_the_tied_language_model(tmp_path):
 
 
 def test_from_hf_of_a_model_in_memory_matches_and_refuses_the_same(tmp_path):
-    from quietgpt import GPT
 
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(_config(activation_function="gelu_fast")).eval()
     _perturb(hf)
     idx = torch.randint(0, 64, (2, 32))
     with torch.no_grad():
-        assert torch.allclose(GPT.from_hf(hf).eval()(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+        assert torch.allclose(from_hf(hf).eval()(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
     with pytest.raises(QuietError, match="activation_function='relu'"):
-        GPT.from_hf(transformers.GPT2LMHeadModel(_config(activation_function="relu")))
+        from_hf(transformers.GPT2LMHeadModel(_config(activation_function="relu")))
 
 
 # ----------------------------------------------------------------------------- what it refuses
@@ -175,17 +174,16 @@ def test_unexpected_weights_are_refused(tmp_path):
 
 
 def test_state_dict_form_checks_its_keys_and_head():
-    from quietgpt import GPT
-    from quietgpt.hf import check_config
+    from quietgpt.interop.hf_import import check_config
 
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(_config())
     cfg = check_config(hf.config)
     sd = dict(hf.state_dict())
     with pytest.raises(QuietError, match=r"unexpected transformer\.h\.0\.extra"):
-        GPT.from_hf({**sd, "transformer.h.0.extra": torch.zeros(1)}, config=cfg)
+        from_hf({**sd, "transformer.h.0.extra": torch.zeros(1)}, config=cfg)
     with pytest.raises(QuietError, match="tie_word_embeddings=False"):
-        GPT.from_hf({**sd, "lm_head.weight": torch.zeros_like(sd["lm_head.weight"])}, config=cfg)
+        from_hf({**sd, "lm_head.weight": torch.zeros_like(sd["lm_head.weight"])}, config=cfg)
 
 
 @pytest.mark.parametrize(("kind", "words"), [("llama", "model_type='llama'"), ("relu", "activation_function='relu'")])

@@ -1,4 +1,4 @@
-"""Training from a pretrained GPT-2 with the attention swapped (`train --init hf:FOLDER`, quietgpt.pretrained), on
+"""Training from a pretrained GPT-2 with the attention swapped (`train --init hf:FOLDER`, interop/pretrained.py), on
 a tiny random GPT-2 saved with save_pretrained and char-tokenised text: the run takes the pretrained architecture,
 its iteration-0 loss is transformers' own on the same batches (softmax) or within what the variant's math allows,
 every seed starts from the same weights, resume continues the checkpoint, and the result exports and evaluates
@@ -18,13 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quietgpt import checkpoint, pretrained
 from quietgpt.cli import main
 from quietgpt.config import load_config
-from quietgpt.data import get_batch, prepare
+from quietgpt.data.sources import get_batch, prepare
 from quietgpt.errors import ConfigError, QuietError
-from quietgpt.model import GPT
-from quietgpt.train import train
+from quietgpt.interop import pretrained
+from quietgpt.nn.model import GPT
+from quietgpt.runs import checkpoint
+from quietgpt.training.loop import train
 from quietgpt.training.schedule import EVAL_STREAM, derive_seed, generator
 
 transformers = pytest.importorskip("transformers")
@@ -230,7 +231,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_a_one_line_error(world, tmp_p
 
 @pytest.mark.slow
 def test_export_round_trips_every_variant(world, runs, tmp_path):
-    from quietgpt.hf_export import export_checkpoint
+    from quietgpt.interop.hf_export import export_checkpoint
 
     idx = torch.randint(0, HF["vocab_size"], (3, HF["n_positions"]), generator=torch.Generator().manual_seed(3))
     for v, run in runs.items():
@@ -244,7 +245,7 @@ def test_export_round_trips_every_variant(world, runs, tmp_path):
 
 @pytest.mark.slow
 def test_eval_hf_and_checkpoint_agree_on_the_same_weights(world, runs, tmp_path, capsys):
-    from quietgpt.hf_export import export_checkpoint
+    from quietgpt.interop.hf_export import export_checkpoint
 
     export_checkpoint(runs["softmax"], tmp_path / "hf")
     common = ["--quant", "w8a8,int8-dynamic", "--n-sequences", "4", "--calib-batches", "2"]

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quietgpt import GPT, GPTConfig, QuietError, quant
-from quietgpt.metrics import measure
-from quietgpt.quant import int8_dynamic, parse_quant, parse_quant_list
-from quietgpt.registry import catalogue, eval_summary, study_metrics
+from quietgpt import GPT, GPTConfig, QuietError
+from quietgpt.measurement.evaluate import measure
+from quietgpt.measurement.registry import catalogue, eval_summary, study_metrics
+from quietgpt.quant import dynamic
+from quietgpt.quant.dynamic import int8_dynamic
+from quietgpt.quant.spec import parse_quant, parse_quant_list
 
 T, V, BATCH = 32, 40, 4
 
@@ -139,13 +141,13 @@ def test_int8_on_cuda_is_a_one_line_error_before_any_work(trained):
 
 def test_int8_without_a_quantized_engine_is_a_one_line_error(trained, monkeypatch):
     model, data = trained
-    monkeypatch.setattr(quant, "quantized_engines", lambda: [])  # a torch build without fbgemm/x86/qnnpack
+    monkeypatch.setattr(dynamic, "quantized_engines", lambda: [])  # a torch build without fbgemm/x86/qnnpack
     with pytest.raises(QuietError) as e:
         measure(model, data, quant=["int8-dynamic"])
     msg = str(e.value)
     assert "\n" not in msg and "int8-dynamic" in msg and "quantized engine" in msg and "--quant" in msg
     monkeypatch.undo()
-    assert quant.quantized_engines()  # this torch build has one (the tests above ran its kernels)
+    assert dynamic.quantized_engines()  # this torch build has one (the tests above ran its kernels)
 
 
 # ----------------------------------------------------------------------------- the registry and the CLI
@@ -163,10 +165,10 @@ def test_the_registry_carries_int8_like_w8a8():
 
 @pytest.mark.slow
 def test_eval_json_has_the_int8_row(tmp_path, capsys):
-    from quietgpt.checkpoint import save_checkpoint
     from quietgpt.cli import main
     from quietgpt.config import load_config
-    from quietgpt.data import prepare
+    from quietgpt.data.sources import prepare
+    from quietgpt.runs.checkpoint import save_checkpoint
 
     text = tmp_path / "t.txt"
     text.write_text("".join(f"line {i}: the quick brown fox, {i % 7} times.\n" for i in range(300)))

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from quietgpt import GPT, GPTConfig, QuietError
-from quietgpt.collectors import StatsCollector, weight_stats
-from quietgpt.metrics import measure
-from quietgpt.moments import Moments, kurtosis
-from quietgpt.perplexity import eval_windows
+from quietgpt.measurement.collectors import StatsCollector, weight_stats
+from quietgpt.measurement.evaluate import measure
+from quietgpt.measurement.moments import Moments, kurtosis
+from quietgpt.measurement.perplexity import eval_windows
 
 
 def tiny(attention: str = "softmax", seed: int = 0, **kw) -> GPT:

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from quietgpt import GPT, GPTConfig
-from quietgpt import kernels as K
+from quietgpt import GPT, GPTConfig, from_hf
 from quietgpt.errors import ConfigError
+from quietgpt.nn import kernels as K
 
-A = importlib.import_module("quietgpt.attention")  # the module: the package exports a function of this name
+A = importlib.import_module("quietgpt.nn.attention")  # the module: the package exports a function of this name
 
 VARIANTS = ["softmax", "softmax1", "softmax_n", "sink", "clipped", "gated", "softpick", "outgate", "sigmoid",
             "kvbias"]
@@ -233,7 +233,7 @@ def test_hf_gpt2_logit_parity():
         for name, p in hf.named_parameters():
             if name.endswith("bias") or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    ours = GPT.from_hf(hf).eval()
+    ours = from_hf(hf).eval()
     idx = torch.randint(0, 101, (3, 32))
     with torch.no_grad():
         expected = hf(idx).logits
@@ -241,8 +241,8 @@ def test_hf_gpt2_logit_parity():
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     # the state-dict form needs the config
     with pytest.raises(ConfigError):
-        GPT.from_hf(hf.state_dict())
-    again = GPT.from_hf(hf.state_dict(), config=ours.config).eval()
+        from_hf(hf.state_dict())
+    again = from_hf(hf.state_dict(), config=ours.config).eval()
     with torch.no_grad():
         assert torch.allclose(again(idx)[0], expected, atol=1e-5)
 

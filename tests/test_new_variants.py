@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from scipy.special import expit
 
 from quietgpt import GPT, AttentionOptions, GPTConfig, QuietAttention, attention, select_path
-from quietgpt import kernels as K
-from quietgpt.chunked import chunked_attention
-from quietgpt.collectors import StatsCollector
 from quietgpt.errors import ConfigError
-from quietgpt.model import OutputGate
-from quietgpt.quant import parse_quant, quantized
-from quietgpt.softmax import sigmoid_bias, sigmoid_weights, softpick
+from quietgpt.measurement.collectors import StatsCollector
+from quietgpt.nn import kernels as K
+from quietgpt.nn.chunked import chunked_attention
+from quietgpt.nn.gates import OutputGate
+from quietgpt.nn.softmax import sigmoid_bias, sigmoid_weights, softpick
+from quietgpt.quant.simulated import quantized
+from quietgpt.quant.spec import parse_quant
 
 
 def qkv(B=2, H=3, T=37, D=16, dtype=torch.float64, seed=0, spread=1.5):

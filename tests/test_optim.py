@@ -12,7 +12,7 @@ import torch
 from quietgpt import GPT, GPTConfig
 from quietgpt.config import load_config
 from quietgpt.errors import ConfigError
-from quietgpt.train import train
+from quietgpt.training.loop import train
 from quietgpt.training.optim import Chained, OrthoAdam, build_optimizer, haar_orthogonal, rotate
 
 

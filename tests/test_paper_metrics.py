@@ -14,10 +14,10 @@ import scipy.stats
 import torch
 
 from quietgpt import GPT, GPTConfig
-from quietgpt.collectors import BONDARENKO_MODULES, StatsCollector, row_kurtosis
-from quietgpt.metrics import measure
-from quietgpt.registry import catalogue, eval_summary, study_metrics
-from quietgpt.softmax import softpick
+from quietgpt.measurement.collectors import BONDARENKO_MODULES, StatsCollector, row_kurtosis
+from quietgpt.measurement.evaluate import measure
+from quietgpt.measurement.registry import catalogue, eval_summary, study_metrics
+from quietgpt.nn.softmax import softpick
 
 PAPER_KEYS = ("sink_rate", "first_token_argmax_share", "massive_ratio_max", "massive_count",
               "bondarenko_max_inf_norm", "bondarenko_avg_kurtosis", "act_max_first_token", "act_max_other_tokens",

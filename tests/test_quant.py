@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from quietgpt import GPT, GPTConfig, QuietError
-from quietgpt.metrics import measure
-from quietgpt.quant import (
-    ActQuantizer,
-    asymmetric_params,
-    fake_quant,
-    parse_quant,
-    parse_quant_list,
-    quantize_weight,
-    quantized,
-    symmetric_scale,
-)
+from quietgpt.measurement.evaluate import measure
+from quietgpt.quant.grids import ActQuantizer, asymmetric_params, fake_quant, quantize_weight, symmetric_scale
+from quietgpt.quant.simulated import quantized
+from quietgpt.quant.spec import parse_quant, parse_quant_list
 
 
 def tiny(attention: str = "softmax1", seed: int = 0) -> GPT:

@@ -14,10 +14,10 @@ import torch
 from scipy import stats as sps
 
 from quietgpt import GPT, GPTConfig, report, study
-from quietgpt.atomic import atomic_write_json
-from quietgpt.metrics import measure
-from quietgpt.registry import catalogue, eval_summary, study_metrics
+from quietgpt.measurement.evaluate import measure
+from quietgpt.measurement.registry import catalogue, eval_summary, study_metrics
 from quietgpt.stats import fmt
+from quietgpt.utils.atomic import atomic_write_json
 
 
 def tiny_gated(seed: int = 0) -> GPT:

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from quietgpt import report, study
-from quietgpt.atomic import atomic_write_json
 from quietgpt.cli import main
 from quietgpt.errors import QuietError
-from quietgpt.registry import study_metrics
+from quietgpt.measurement.registry import study_metrics
+from quietgpt.utils.atomic import atomic_write_json
 
 EVIL = "<script>alert(1)</script>"
 N_LAYER, N_HEAD, T = 2, 2, 6
@@ -228,7 +228,7 @@ def test_report_on_missing_folder_is_one_line_error(tmp_path, capsys):
 
 
 def test_report_shows_outliers_through_training(tmp_path):
-    from quietgpt.registry import mean_level
+    from quietgpt.measurement.registry import mean_level
 
     make_fake_study(tmp_path)
     results = study.collect(tmp_path)

@@ -20,7 +20,7 @@ import torch
 
 from quietgpt import cli
 from quietgpt.config import load_config
-from quietgpt.train import train
+from quietgpt.training.loop import train
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "quietgpt"
 EVIL = "<script>alert(1)</script>"

@@ -208,7 +208,7 @@ def test_slurm_launcher_errors_are_one_line(tmp_path, monkeypatch):
 
 
 def test_one_study_at_a_time_per_folder(tmp_path):
-    from quietgpt.runfolder import RunLock
+    from quietgpt.runs.lock import RunLock
     from quietgpt.study import run_study
 
     with RunLock(tmp_path / "s"), pytest.raises(QuietError, match="in use by another quietgpt run"):
@@ -289,7 +289,7 @@ def test_a_run_under_init_is_recognised_though_its_config_json_holds_the_pretrai
     """--init writes the pretrained model's architecture (and the variant's swap settings) into config.json;
     the study's own config, which does not know them, must still see the run as its own (and resume it)."""
     from quietgpt.config import load_config
-    from quietgpt.pretrained import resolve_config
+    from quietgpt.interop.pretrained import resolve_config
     from quietgpt.study.run import _same_config
 
     cfg = load_config("default", {"train.init": "hf:/somewhere", "model.attention": "sink",

@@ -8,7 +8,7 @@ from quietgpt.cli import main
 from quietgpt.config import StudyConfig, load_config
 from quietgpt.errors import ConfigError
 from quietgpt.presets import study_preset_names
-from quietgpt.study import StudySpec, resolve_spec
+from quietgpt.study.spec import StudySpec, resolve_spec
 
 
 def test_shipped_study_presets_resolve_and_default_is_the_readme_study():

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from quietgpt import synthetic as S
-from quietgpt.tokenizers import SyntheticTokenizer
+from quietgpt.data import synthetic as S
+from quietgpt.data.tokenizers import SyntheticTokenizer
 
 N = 200_000
 

@@ -15,14 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quietgpt import checkpoint as ckpt
 from quietgpt.config import load_config
 from quietgpt.errors import QuietError
-from quietgpt.model import GPT
-from quietgpt.runfolder import RunLock
-from quietgpt.train import NonFiniteError, derive_seed, train
-from quietgpt.training import TrainState
+from quietgpt.nn.model import GPT
+from quietgpt.runs import checkpoint as ckpt
+from quietgpt.runs.lock import RunLock
 from quietgpt.training.batches import model_vocab
+from quietgpt.training.loop import train
+from quietgpt.training.schedule import derive_seed
+from quietgpt.training.state import TrainState
+from quietgpt.training.step import NonFiniteError
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bold wizards quietly hum "
          "and jovial knights examine crazy puzzles near the old mill").split()
@@ -259,7 +261,7 @@ def test_lock_refuses_a_second_run_and_a_dead_owner_is_taken_over(tmp_path, corp
         train(cfg, progress=False)
     assert not (run / "model.safetensors").exists()
     # a run in another process holds the lock, then dies by SIGKILL: its lock does not stay stuck
-    code = (f"import sys, time; from quietgpt.runfolder import RunLock; RunLock({str(run)!r}).acquire(); "
+    code = (f"import sys, time; from quietgpt.runs.lock import RunLock; RunLock({str(run)!r}).acquire(); "
             "print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from quietgpt.config import TrainConfig
-from quietgpt.model import GPT, GPTConfig
-from quietgpt.progress import Progress
-from quietgpt.runfolder import RunLock, remove_stale_temporaries
-from quietgpt.training import NonFiniteError, NonFiniteGuard, TrainState, build_step_parts, train_step
+from quietgpt.nn.model import GPT, GPTConfig
+from quietgpt.runs.lock import RunLock, remove_stale_temporaries
+from quietgpt.training.state import TrainState
+from quietgpt.training.step import NonFiniteError, NonFiniteGuard, build_step_parts, train_step
+from quietgpt.utils.progress import Progress
 
 CPU = torch.device("cpu")
 # the keys train_state.pt has always had next to optimizer/scaler/model/config/extras/format_version

@@ -13,16 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quietgpt.checkpoint import load_model
 from quietgpt.config import load_config
-from quietgpt.data import prepare
+from quietgpt.data.sources import prepare
 from quietgpt.errors import ConfigError
-from quietgpt.metrics import measure
-from quietgpt.perplexity import calibration_batches
-from quietgpt.quant import parse_quant, quantized
-from quietgpt.registry import auc_metrics, mean_level, trajectory_metrics
+from quietgpt.measurement.evaluate import measure
+from quietgpt.measurement.perplexity import calibration_batches
+from quietgpt.measurement.registry import auc_metrics, mean_level, trajectory_metrics
+from quietgpt.quant.simulated import quantized
+from quietgpt.quant.spec import parse_quant
+from quietgpt.runs.checkpoint import load_model
 from quietgpt.study.results import emergence, first_above, read_trajectory, seed_mean
-from quietgpt.train import train
+from quietgpt.training.loop import train
 from quietgpt.training.outliers import OutlierTracker, trajectory_windows
 from quietgpt.training.reporting import MetricsLog
 
@@ -196,7 +197,7 @@ def test_bad_trajectory_settings_are_one_line_errors(key, value):
 
 def test_presets_carry_trajectories_that_end_on_a_quantized_point():
     from quietgpt.presets import preset_names, study_preset_names
-    from quietgpt.study import resolve_spec
+    from quietgpt.study.spec import resolve_spec
 
     runs = [load_config(p).train for p in preset_names()] + [resolve_spec(p).run.train for p in study_preset_names()]
     for t in runs:

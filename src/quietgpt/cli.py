@@ -11,8 +11,8 @@ import functools
 import os
 import sys
 
-from . import __version__
-from .errors import QuietError
+from quietgpt.errors import QuietError
+from quietgpt.utils.version import __version__
 
 # ----------------------------------------------------------------------------- shared options
 
@@ -38,7 +38,7 @@ def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = "d
     p.add_argument("--data", help="data source: synthetic, shakespeare_char, a .txt file or folder, hf:NAME "
                                   "(default: the preset's)")
     if training:
-        from .attention import VARIANTS
+        from quietgpt.nn.variants import VARIANTS
 
         p.add_argument("--attention", help=f"attention variant: {', '.join(VARIANTS)} (default: the preset's)")
         p.add_argument("--seed", type=int, help="random seed (init, data order) (default: the preset's)")
@@ -60,7 +60,7 @@ _FLAGS = (("data", "data.source"), ("attention", "model.attention"), ("seed", "t
 
 def _overrides(args: argparse.Namespace) -> dict:
     """Command-line flags -> {"section.key": value} config overrides (flags win over --set)."""
-    from .config import parse_assignments
+    from quietgpt.config import parse_assignments
 
     out = parse_assignments(args.set)
     for flag, key in _FLAGS:
@@ -74,7 +74,14 @@ def _run_config(args: argparse.Namespace, base, *, scale: bool = True):
     """`base` (a preset name or .toml path, or a RunConfig such as a checkpoint's) <- every --set value, each
     typed and validated even where a flag then replaces it <- the flags. --max-iters N also scales the lr
     schedule (config.scale_schedule) unless `scale` is False or the user --set those keys."""
-    from .config import RunConfig, apply_overrides, load_config, parse_assignments, scale_schedule, schedule_note
+    from quietgpt.config import (
+        RunConfig,
+        apply_overrides,
+        load_config,
+        parse_assignments,
+        scale_schedule,
+        schedule_note,
+    )
 
     sets = parse_assignments(args.set)
     # --attention goes in with the --set values (unless one sets model.attention itself), so that a variant's
@@ -100,7 +107,7 @@ def _run_config(args: argparse.Namespace, base, *, scale: bool = True):
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """List the shipped presets (training and study) with their descriptions, or print one as TOML."""
-    from .presets import (
+    from quietgpt.presets import (
         preset_description,
         preset_names,
         preset_text,
@@ -131,7 +138,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Tokenise the configured data source into the cache and say where it is."""
-    from .data import check_length, prepare
+    from quietgpt.data.sources import check_length, prepare
 
     cfg = _run_config(args, args.preset)
     ds = prepare(cfg.data)
@@ -149,11 +156,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one model into --out; --resume continues it (with its own config unless --preset is given)."""
-    from .config import load_config
-    from .train import train
+    from quietgpt.config import load_config
+    from quietgpt.training.loop import train
 
     if args.resume and args.preset is None:
-        from . import checkpoint
+        from quietgpt.runs import checkpoint
 
         out = _overrides(args).get("train.out_dir", load_config("default").train.out_dir)
         try:
@@ -176,8 +183,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Print --num-samples continuations of --prompt from a checkpoint (its own tokenizer)."""
     import torch
 
-    from .checkpoint import load_model, read_config
-    from .tokenizers import tokenizer_from_meta
+    from quietgpt.data.tokenizers import tokenizer_from_meta
+    from quietgpt.runs.checkpoint import load_model, read_config
 
     for name, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--num-samples", args.num_samples, 1),
                              ("--top-k", args.top_k, 1)):
@@ -207,9 +214,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Measure a checkpoint (or a saved HF GPT-2) and write the full report as JSON (metrics.Measurement)."""
-    from .atomic import atomic_write_json
-    from .metrics import evaluate_checkpoint, evaluate_hf
-    from .quant import parse_quant_list
+    from quietgpt.measurement.evaluate import evaluate_checkpoint, evaluate_hf
+    from quietgpt.quant.spec import parse_quant_list
+    from quietgpt.utils.atomic import atomic_write_json
 
     quant = [q.name for q in parse_quant_list(args.quant)]  # a bad name fails before any loading
     if args.threads:
@@ -218,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if (args.checkpoint is None) == (args.hf is None):
         raise QuietError("pass exactly one of --checkpoint DIR (a training output folder) or --hf PATH")
-    from .device import resolve_device
+    from quietgpt.utils.device import resolve_device
 
     kw = dict(quant=quant, device=str(resolve_device(args.device)), n_sequences=args.n_sequences,
               calib_batches=args.calib_batches, seed=args.seed, batch_size=args.batch_size)
@@ -229,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         result = evaluate_checkpoint(args.checkpoint, data=args.data, **kw)
     atomic_write_json(args.json, result)
-    from .registry import catalogue
+    from quietgpt.measurement.registry import catalogue
 
     ppl = result["perplexity"]
     s = result["summary"]
@@ -243,8 +250,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a checkpoint as a Hugging Face model folder (quietgpt.hf_export) and say how to load it."""
-    from .hf_export import export_checkpoint
+    """Write a checkpoint as a Hugging Face model folder (quietgpt.interop.hf_export) and say how to load it."""
+    from quietgpt.interop.hf_export import export_checkpoint
 
     s = export_checkpoint(args.checkpoint, args.hf, force=args.force, dtype=args.dtype)
     how = "" if s["kind"] == "gpt2" else ", trust_remote_code=True"  # softmax: a plain GPT2LMHeadModel
@@ -257,8 +264,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Train every (variant, seed), measure, compare, write results.json/csv and the report."""
-    from .config import parse_assignments
-    from .study import run_study
+    from quietgpt.config import parse_assignments
+    from quietgpt.study import run_study
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()] if args.optimizers else None
@@ -273,7 +280,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def _print_study(results: dict, out: str) -> None:
-    from .report import text_summary
+    from quietgpt.report import text_summary
 
     print(text_summary(results))
     print(f"report: {out}/report.md and {out}/report.html; data: {out}/results.json, {out}/results.csv")
@@ -281,7 +288,7 @@ def _print_study(results: dict, out: str) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild results.json/csv, report.md/html and plots from the run folders, without training."""
-    from .study import rebuild
+    from quietgpt.study import rebuild
 
     out = rebuild(args.dir)
     _print_study(out["results"], args.dir)
@@ -293,7 +300,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _add_eval(verb) -> None:
     """The `eval` verb and its options."""
-    from .data import user_cache_dir
+    from quietgpt.data.sources import user_cache_dir
 
     p = verb("eval", help="measure kurtosis, infinity norms, abstention, perplexity, quantized perplexity")
     p.add_argument("--checkpoint", help="a training output folder")

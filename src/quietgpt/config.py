@@ -15,9 +15,10 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
-from .errors import ConfigError, QuietError
-from .model import GPTConfig
-from .presets import read_toml
+from quietgpt.errors import ConfigError, QuietError
+from quietgpt.nn.model import GPTConfig
+from quietgpt.presets import read_toml
+from quietgpt.quant.spec import parse_quant_list
 
 
 @dataclass
@@ -50,7 +51,7 @@ class TrainConfig:
     out_dir: str = "out"
     seed: int = 1337
     # "" = random init; "hf:NAME_OR_PATH" = start from a pretrained Hugging Face GPT-2 (a save_pretrained
-    # folder or a hub name) with this run's attention swapped in (quietgpt.pretrained)
+    # folder or a hub name) with this run's attention swapped in (quietgpt.interop.pretrained)
     init: str = ""
     device: str = "cpu"  # cpu | cuda | mps | auto
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on CUDA if supported, else fp32)
@@ -142,8 +143,6 @@ class TrainConfig:
         for name in ("outlier_sequences", "outlier_calib_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
-        from .quant import parse_quant_list  # here, not at the top: config stays importable below quant
-
         try:
             parse_quant_list(self.outlier_quant)
         except QuietError as e:

@@ -8,7 +8,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from ..errors import ConfigError
+from quietgpt.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

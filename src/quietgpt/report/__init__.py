@@ -33,14 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write_text
-from ..errors import QuietError
-from ..registry import ACT_SITES, ACTIVATIONS, BLOCK_WEIGHTS
-from ..stats import fmt
-from .answer import answer_lines
-from .cells import CAN_LEAVE_MASS, baseline_value, effect_unit, label, scale, summary_cell, symbol_key
-from .document import build_document, render_html, render_markdown
-from .plots import (
+from quietgpt.errors import QuietError
+from quietgpt.measurement.registry import ACT_SITES, ACTIVATIONS, BLOCK_WEIGHTS
+from quietgpt.report.answer import answer_lines
+from quietgpt.report.cells import CAN_LEAVE_MASS, baseline_value, effect_unit, label, scale, summary_cell, symbol_key
+from quietgpt.report.document import build_document, render_html, render_markdown
+from quietgpt.report.plots import (
     plot_activations,
     plot_attention_maps,
     plot_forest,
@@ -49,7 +47,9 @@ from .plots import (
     plot_unassigned_mass,
     plot_weight_kurtosis,
 )
-from .trajectories import insert_section, trajectory_section
+from quietgpt.report.trajectories import insert_section, trajectory_section
+from quietgpt.stats import fmt
+from quietgpt.utils.atomic import atomic_write_text
 
 # ----------------------------------------------------------------------------- reading a study
 

@@ -12,8 +12,7 @@ hard to quantize? The answer has three parts, each read off results.json:
 
 from __future__ import annotations
 
-from ..stats import exact_floor_note, fmt
-from .cells import (
+from quietgpt.report.cells import (
     MASS_METRIC,
     ZERO_TOL,
     is_penalty,
@@ -22,6 +21,7 @@ from .cells import (
     symbol_key,
     zero_by_construction,
 )
+from quietgpt.stats import exact_floor_note, fmt
 
 # ----------------------------------------------------------------------------- "did the baseline have the problem?"
 # Thresholds in one place. Kurtosis (Pearson): a Gaussian has 3, a Laplace 6. Models with the outliers the

@@ -19,8 +19,8 @@ and the answer:
 
 from __future__ import annotations
 
-from ..attention import NULL_VARIANTS, VARIANTS
-from ..stats import crosses_floor, fmt, fmt_interval, fmt_signed
+from quietgpt.nn.variants import NULL_VARIANTS, VARIANTS
+from quietgpt.stats import crosses_floor, fmt, fmt_interval, fmt_signed
 
 MASS_METRIC = "unassigned_mass_mean"
 # softmax1 / softmax_n / sink divide by n + sum; clipped clips rows, which changes their sums.

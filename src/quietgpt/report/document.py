@@ -14,9 +14,9 @@ import html
 import re
 from pathlib import Path
 
-from ..stats import exact_floor_note, fmt, fmt_interval
-from .answer import answer, question
-from .cells import SYMBOL_LEGEND, effect_cell, label, summary_cell
+from quietgpt.report.answer import answer, question
+from quietgpt.report.cells import SYMBOL_LEGEND, effect_cell, label, summary_cell
+from quietgpt.stats import exact_floor_note, fmt, fmt_interval
 
 # ----------------------------------------------------------------------------- the document
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write
-from ..stats import fmt
-from .cells import ZERO_TOL
+from quietgpt.report.cells import ZERO_TOL
+from quietgpt.stats import fmt
+from quietgpt.utils.atomic import atomic_write
 
 # ----------------------------------------------------------------------------- plots
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .plots import plot_trajectories
+from quietgpt.report.plots import plot_trajectories
 
 PLOT = "trajectories.png"
 

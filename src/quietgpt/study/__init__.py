@@ -25,13 +25,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..atomic import atomic_write_json
-from ..errors import ConfigError, QuietError
-from .launch import StudyInterrupted, auto_jobs, run_here, run_pool, run_submitit
-from .progress import StudyProgress
-from .results import collect, machine_info
-from .run import execute_run, failed_row, finished, run_name, run_row
-from .spec import StudySpec, differences, resolve_spec
+from quietgpt.errors import ConfigError, QuietError
+from quietgpt.study.launch import StudyInterrupted, StudyProgress, auto_jobs, run_here, run_pool, run_submitit
+from quietgpt.study.results import collect, machine_info
+from quietgpt.study.run import execute_run, failed_row, finished, run_name, run_row
+from quietgpt.study.spec import StudySpec, differences, resolve_spec
+from quietgpt.utils.atomic import atomic_write_json
 
 __all__ = ["StudyInterrupted", "StudySpec", "collect", "execute_run", "failed_row", "rebuild", "resolve_spec",
            "run_name", "run_row", "run_study"]
@@ -59,14 +58,14 @@ def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequenc
     if launcher != "slurm":
         # A device this machine lacks, or data that cannot be read, is one error now rather than one failed
         # run per pair; and preparing the data once here means the runs (maybe in parallel) only read it.
-        from ..data import prepare
-        from ..device import resolve_device
+        from quietgpt.data.sources import prepare
+        from quietgpt.utils.device import resolve_device
 
         resolve_device(spec.device)
         prepare(spec.run.data)
         for arm in spec.arms:  # a variant/optimizer that cannot be configured fails now, not once per seed
             spec.run_config(arm, spec.seeds[0], study_dir / "runs")
-    from ..runfolder import RunLock
+    from quietgpt.runs.lock import RunLock
 
     lock = RunLock(study_dir).acquire()  # two studies writing one folder would undo each other's runs
     try:
@@ -93,7 +92,7 @@ def _check_same_study(study_dir: Path, spec: StudySpec, force: bool) -> None:
 
 def _run_locked(study_dir: Path, spec: StudySpec, *, jobs: int | None, launcher: str, force: bool,
                 progress: bool) -> dict:
-    from ..report import write_report
+    from quietgpt.report import write_report
 
     _check_same_study(study_dir, spec, force)
     t0 = time.perf_counter()
@@ -135,7 +134,7 @@ def _run_locked(study_dir: Path, spec: StudySpec, *, jobs: int | None, launcher:
 
 def rebuild(study_dir: str | Path) -> dict:
     """`quietgpt report DIR`: re-gather results from the run folders and rewrite results and report."""
-    from ..report import write_report
+    from quietgpt.report import write_report
 
     results = collect(study_dir)
     return write_report(study_dir) | {"results": results}

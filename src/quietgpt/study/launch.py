@@ -4,7 +4,8 @@ Runs are independent, so they fan out: jobs=1 runs them here (each run's trainin
 bar); jobs=N a local process pool (each worker gets cores // N torch threads, or its own GPU when there
 are several); launcher "slurm" submits a job array through submitit ("submitit-local": submitit's local
 executor, the SLURM code path without a cluster). Every launcher reports each finished run's row to
-`on_done`; a worker that dies becomes a failed row, never a lost one.
+`on_done`; a worker that dies becomes a failed row, never a lost one. StudyProgress shows runs done of
+total with an ETA on the one progress printer (utils/progress.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import shutil
 import sys
 from collections.abc import Callable, Sequence
 
-from ..errors import QuietError
-from .run import execute_run, failed_row, run_name
-from .spec import StudySpec
+from quietgpt.errors import QuietError
+from quietgpt.study.run import execute_run, failed_row, run_name
+from quietgpt.study.spec import StudySpec
+from quietgpt.utils.progress import Progress
 
 OnDone = Callable[[dict], None]
 _WORKER_THREADS = 0
@@ -66,7 +68,7 @@ def gpu_count() -> int:
 def auto_jobs(device: str) -> int:
     """Runs at a time when --jobs is not given: one per CPU core on CPU (small models use cores far better
     side by side than through intra-op threads), one per GPU on CUDA, 1 on MPS."""
-    from ..device import resolve_device
+    from quietgpt.utils.device import resolve_device
 
     kind = resolve_device(device).type
     if kind == "cuda":
@@ -179,3 +181,24 @@ def run_submitit(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: st
             with contextlib.suppress(Exception):
                 job.cancel(check=False)
         raise
+
+
+class StudyProgress(Progress):
+    """A Progress over runs ("study", unit "run") that knows what a run's start and row look like."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        super().__init__(total, initial, enabled=enabled, desc="study", unit="run", prefix="quietgpt study: ",
+                         position=0)
+        if initial:
+            self.line(f"{initial} of {total} runs already finished; skipping them")
+
+    def start(self, name: str) -> None:
+        self.postfix(f"{name} running")
+
+    def done(self, row: dict) -> None:
+        ok = row["status"] == "ok"
+        name = run_name(row["variant"], row["seed"])
+        self.postfix(f"{name} {'ok' if ok else 'FAILED'}")
+        self.advance()
+        status = "ok" if ok else f"FAILED ({row.get('error')})"
+        self.line(f"[{self.n}/{self.total}] {name} {status} in {row.get('wall_s') or 0:.0f}s; eta {self.eta():.0f}s")

@@ -23,19 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write_json, atomic_write_text
-from ..errors import QuietError
-from ..quant import parse_quant_list
-from ..registry import Metric, auc_metrics, number, trajectory_metrics
-from ..stats import compare, fmt, summarize
-from .run import failed_row, run_config_record, run_name
-from .spec import StudySpec, same_record
+from quietgpt.errors import QuietError
+from quietgpt.measurement.registry import Metric, auc_metrics, number, trajectory_metrics
+from quietgpt.quant.spec import parse_quant_list
+from quietgpt.stats import compare, fmt, summarize
+from quietgpt.study.run import failed_row, run_config_record, run_name
+from quietgpt.study.spec import StudySpec, same_record
+from quietgpt.utils.atomic import atomic_write_json, atomic_write_text
 
 
 def machine_info(device: str) -> dict:
     import torch
 
-    from .. import __version__
+    from quietgpt.utils.version import __version__
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):

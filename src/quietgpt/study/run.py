@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write, atomic_write_json
-from ..errors import QuietError
-from ..registry import Metric, number
-from .spec import StudySpec, same_record
+from quietgpt.errors import QuietError
+from quietgpt.measurement.registry import Metric, number
+from quietgpt.study.spec import StudySpec, same_record
+from quietgpt.utils.atomic import atomic_write, atomic_write_json
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -98,7 +98,7 @@ def _same_config(run_dir: Path, cfg) -> bool:
     # may be named by another path to the same place
     ignore = {"model": {"vocab_size"}, "train": {"out_dir"}}
     if cfg.train.init:
-        from ..pretrained import FROM_PRETRAINED, SWAP_INITS
+        from quietgpt.interop.pretrained import FROM_PRETRAINED, SWAP_INITS
 
         rule = SWAP_INITS.get(cfg.model.attention)
         ignore["model"] |= {*FROM_PRETRAINED, *(rule.config if rule is not None else ())}
@@ -108,7 +108,8 @@ def _same_config(run_dir: Path, cfg) -> bool:
 
 def _train(cfg, run_dir: Path, progress: bool) -> dict:
     """Train, resuming an interrupted run of the same config; anything else in the folder is cleared."""
-    from ..train import NonFiniteError, train
+    from quietgpt.training.loop import train
+    from quietgpt.training.step import NonFiniteError
 
     if (run_dir / "train_state.pt").is_file() and _same_config(run_dir, cfg):
         try:
@@ -124,10 +125,10 @@ def _train(cfg, run_dir: Path, progress: bool) -> dict:
 
 def _measure(spec: StudySpec, cfg, run_dir: Path) -> tuple[dict, np.ndarray]:
     """eval.json's dict and the attention sample of the trained run in run_dir."""
-    from ..checkpoint import load_model
-    from ..data import prepare
-    from ..device import resolve_device
-    from ..metrics import measure
+    from quietgpt.data.sources import prepare
+    from quietgpt.measurement.evaluate import measure
+    from quietgpt.runs.checkpoint import load_model
+    from quietgpt.utils.device import resolve_device
 
     model, _ = load_model(run_dir, device=str(resolve_device(cfg.train.device)))
     dataset = prepare(cfg.data)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..config import (
+from quietgpt.config import (
     SECTIONS,
     DataConfig,
     RunConfig,
@@ -23,10 +23,10 @@ from ..config import (
     check_baseline,
     load_config,
 )
-from ..errors import ConfigError
-from ..model import VARIANT_FIELDS, GPTConfig
-from ..presets import read_toml, study_preset_names, study_preset_text, tomllib
-from ..registry import Metric, study_metrics
+from quietgpt.errors import ConfigError
+from quietgpt.measurement.registry import Metric, study_metrics
+from quietgpt.nn.model import VARIANT_FIELDS, GPTConfig
+from quietgpt.presets import read_toml, study_preset_names, study_preset_text, tomllib
 
 MEASURE_KEYS = ("quant", "n_sequences", "calib_batches", "eval_tokens")
 COMPARED_KEYS = ("variants", "optimizers", "variant_options", "seeds", *MEASURE_KEYS, "run")  # change results
@@ -202,8 +202,8 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
                  optimizers: Sequence[str] | None = None) -> StudySpec:
     """The study `preset` (name or TOML path) with the caller's choices on top; every bad value is a
     one-line ConfigError naming it."""
-    from ..attention import check_variant
-    from ..quant import parse_quant_list
+    from quietgpt.nn.variants import check_variant
+    from quietgpt.quant.spec import parse_quant_list
 
     doc, name = _study_doc(preset)
     unknown = sorted(k for k in doc if k not in SECTIONS and k != "study")

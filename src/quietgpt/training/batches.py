@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import RunConfig, TrainConfig, apply_overrides
-from ..data import Dataset, check_length, get_batch, prepare
-from .distributed import Dist, rank0_first
-from .schedule import DATA_STREAM, derive_seed, generator
+from quietgpt.config import RunConfig, TrainConfig, apply_overrides
+from quietgpt.data.sources import Dataset, check_length, get_batch, prepare
+from quietgpt.training.distributed import Dist, rank0_first
+from quietgpt.training.schedule import DATA_STREAM, derive_seed, generator
 
 __all__ = ["TrainBatches", "model_vocab", "prepare_data"]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from .. import checkpoint as ckpt
-from ..config import RunConfig
-from .batches import TrainBatches
-from .reporting import Clock
-from .state import TrainState, capture_rng
-from .step import StepParts
+from quietgpt.config import RunConfig
+from quietgpt.runs import checkpoint as ckpt
+from quietgpt.training.batches import TrainBatches
+from quietgpt.training.reporting import Clock
+from quietgpt.training.state import TrainState, capture_rng
+from quietgpt.training.step import StepParts
 
 __all__ = ["Checkpointer", "has_checkpoint"]
 

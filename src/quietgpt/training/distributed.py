@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import TrainConfig
+from quietgpt.config import TrainConfig
 
 __all__ = ["Dist", "all_max", "all_mean", "rank0_first", "setup_distributed", "teardown_distributed"]
 

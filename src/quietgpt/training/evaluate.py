@@ -6,10 +6,10 @@ import contextlib
 
 import torch
 
-from ..config import TrainConfig
-from ..data import Dataset, get_batch
-from .reporting import RunLog
-from .schedule import EVAL_STREAM, derive_seed, generator
+from quietgpt.config import TrainConfig
+from quietgpt.data.sources import Dataset, get_batch
+from quietgpt.training.reporting import RunLog
+from quietgpt.training.schedule import EVAL_STREAM, derive_seed, generator
 
 __all__ = ["Evaluator", "estimate_loss"]
 

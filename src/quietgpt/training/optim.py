@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..config import OPTIMIZERS, TrainConfig
+from quietgpt.config import OPTIMIZERS, TrainConfig
 
 __all__ = ["OPTIMIZERS", "Chained", "OrthoAdam", "build_optimizer", "haar_orthogonal", "rotate"]
 

@@ -33,13 +33,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..collectors import StatsCollector, weight_stats
-from ..config import TrainConfig
-from ..model import GPT
-from ..perplexity import calibration_batches, eval_windows, nll_pass, ppl_of
-from ..quant import QuantConfig, parse_quant_list, quantized
-from ..registry import Metric, trajectory_metrics
-from .reporting import RunLog
+from quietgpt.config import TrainConfig
+from quietgpt.measurement.collectors import StatsCollector, weight_stats
+from quietgpt.measurement.perplexity import calibration_batches, eval_windows, nll_pass, ppl_of
+from quietgpt.measurement.registry import Metric, trajectory_metrics
+from quietgpt.nn.model import GPT
+from quietgpt.quant.simulated import quantized
+from quietgpt.quant.spec import QuantConfig, parse_quant_list
+from quietgpt.training.reporting import RunLog
 
 __all__ = ["WINDOW_SEED", "OutlierTracker", "measure_outliers", "trajectory_windows"]
 

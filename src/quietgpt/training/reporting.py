@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_text
-from ..config import RunConfig
-from ..device import synchronize
-from ..errors import QuietError
-from ..progress import Progress
-from .state import TrainState
+from quietgpt.config import RunConfig
+from quietgpt.errors import QuietError
+from quietgpt.training.state import TrainState
+from quietgpt.utils.atomic import atomic_write_text
+from quietgpt.utils.device import synchronize
+from quietgpt.utils.progress import Progress
 
 __all__ = ["Clock", "MetricsLog", "RunLog", "Trackers"]
 

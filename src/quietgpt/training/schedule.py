@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from ..config import TrainConfig
+from quietgpt.config import TrainConfig
 
 __all__ = ["DATA_STREAM", "DROPOUT_STREAM", "EVAL_STREAM", "derive_seed", "generator", "get_lr"]
 

@@ -14,20 +14,20 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt
-from .. import pretrained
-from ..config import RunConfig, TrainConfig, apply_overrides
-from ..data import Dataset
-from ..device import amp_context
-from ..errors import QuietError
-from ..model import GPT
-from .batches import TrainBatches, prepare_data
-from .checkpointer import has_checkpoint
-from .distributed import Dist, rank0_first
-from .evaluate import estimate_loss
-from .schedule import DROPOUT_STREAM, derive_seed
-from .state import TrainState, restore_rng
-from .step import StepParts, build_step_parts
+from quietgpt.config import RunConfig, TrainConfig, apply_overrides
+from quietgpt.data.sources import Dataset
+from quietgpt.errors import QuietError
+from quietgpt.interop import pretrained
+from quietgpt.nn.model import GPT
+from quietgpt.runs import checkpoint as ckpt
+from quietgpt.training.batches import TrainBatches, prepare_data
+from quietgpt.training.checkpointer import has_checkpoint
+from quietgpt.training.distributed import Dist, rank0_first
+from quietgpt.training.evaluate import estimate_loss
+from quietgpt.training.schedule import DROPOUT_STREAM, derive_seed
+from quietgpt.training.state import TrainState, restore_rng
+from quietgpt.training.step import StepParts, build_step_parts
+from quietgpt.utils.device import amp_context
 
 __all__ = ["TrainRun", "setup_run"]
 
@@ -74,7 +74,7 @@ def split_accumulation(cfg: RunConfig, d: Dist) -> RunConfig:
 def setup_run(cfg: RunConfig, device: torch.device, d: Dist, *, resume: bool, progress: bool = True) -> TrainRun:
     """Check cfg against the run folder, prepare the data, build the model and its step parts, and, with
     resume, continue them from train_state.pt (weights, optimizer, GradScaler, RNG streams, TrainState).
-    With train.init the model starts from the pretrained GPT-2 instead of its random init (quietgpt.pretrained;
+    With train.init the model starts from the pretrained GPT-2 instead of its random init (quietgpt.interop.pretrained;
     cfg takes its architecture). Raises a one-line QuietError on anything that does not fit, before any file
     is written. `progress`: rank 0 prints what it resolved."""
     cfg = split_accumulation(cfg, d)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .distributed import Dist
-from .schedule import DROPOUT_STREAM, derive_seed
+from quietgpt.training.distributed import Dist
+from quietgpt.training.schedule import DROPOUT_STREAM, derive_seed
 
 __all__ = ["TrainState", "capture_rng", "restore_rng"]
 

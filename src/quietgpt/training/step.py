@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import TrainConfig
-from ..device import amp_context
-from ..errors import QuietError
-from ..model import GPT
-from .distributed import Dist, all_max, all_mean
-from .optim import build_optimizer
+from quietgpt.config import TrainConfig
+from quietgpt.errors import QuietError
+from quietgpt.nn.model import GPT
+from quietgpt.training.distributed import Dist, all_max, all_mean
+from quietgpt.training.optim import build_optimizer
+from quietgpt.utils.device import amp_context
 
 __all__ = ["NonFiniteError", "NonFiniteGuard", "StepParts", "StepResult", "build_step_parts", "check_every_step",
            "train_step"]

@@ -1,10 +1,10 @@
 """Hugging Face interop: GPT-2 models between transformers and quietgpt.
 
-Import (`load_hf_gpt2(folder or hub name)`, `from_hf(model or state dict)`, which `GPT.from_hf` calls): a
-transformers GPT-2 becomes a quietgpt `GPT` with softmax attention only when quietgpt computes exactly
-the same function, i.e. the same logits as transformers' `GPT2LMHeadModel` up to float32 rounding
-(tests check 1e-5). Anything it cannot reproduce is a one-line `QuietError` naming the config field and
-its value, never a model that silently differs:
+Import (`load_hf_gpt2(folder or hub name)`, `from_hf(model or state dict)`, both exported at the top as
+quietgpt.load_hf_gpt2 and quietgpt.from_hf): a transformers GPT-2 becomes a quietgpt `GPT` with softmax
+attention only when quietgpt computes exactly the same function, i.e. the same logits as transformers'
+`GPT2LMHeadModel` up to float32 rounding (tests check 1e-5). Anything it cannot reproduce is a one-line
+`QuietError` naming the config field and its value, never a model that silently differs:
 
     model_type / architectures   another model family (Llama, ...), or a GPT-2 with another head
     activation_function          anything but GELU: exact ("gelu", "gelu_python" -> model.gelu "none")
@@ -19,8 +19,8 @@ Accepted as they are: `reorder_and_upcast_attn` (it only reorders the scaling an
 float32, which in float32 is the same computation), `tie_word_embeddings=False` when lm_head equals wte,
 dropout rates (evaluation runs without dropout), `n_positions` (the block size) and `vocab_size`.
 
-Export (quietgpt -> Hugging Face, every variant) is quietgpt.hf_export; training from a pretrained GPT-2 with
-the attention swapped (train.init) is quietgpt.pretrained. Import flow: model <- hf <- pretrained, metrics, cli.
+Export (quietgpt -> Hugging Face, every variant) is quietgpt.interop.hf_export; training from a pretrained GPT-2 with
+the attention swapped (train.init) is quietgpt.interop.pretrained. Import flow: model <- hf <- pretrained, metrics, cli.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, QuietError
-from .model import GPT, GPTConfig
+from quietgpt.errors import ConfigError, QuietError
+from quietgpt.nn.model import GPT, GPTConfig
 
 GELU_EXACT = ("gelu", "gelu_python")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast", "gelu_accurate")

@@ -30,15 +30,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .chunked import chunked_attention
-from .errors import ConfigError
-from .kernels import kv_bias_attention, kv_bias_path, null_attention, null_path
-from .softmax import (
+from quietgpt.errors import ConfigError
+from quietgpt.nn.chunked import chunked_attention
+from quietgpt.nn.kernels import kv_bias_attention, kv_bias_path, null_attention, null_path
+from quietgpt.nn.softmax import (
     SOFTPICK_EPS,
     check_clip_params,
     clipped_softmax,
@@ -49,10 +49,17 @@ from .softmax import (
     softpick,
 )
 
-if TYPE_CHECKING:
-    from .attention import AttentionOptions
-
 Tensor = torch.Tensor
+
+
+class VariantOptions(Protocol):
+    """The fields of options.AttentionOptions a variant's check and param read (a Protocol, so this table
+    needs nothing from options.py, which is built on it)."""
+
+    n: float
+    gamma: float
+    zeta: float
+    sigmoid_bias: float | None
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,7 @@ class Variant:
     no_fast     why it has no fast path (the ConfigError for path="fast" says it)
     null_logit  null_logit(n, sink_logit) -> its null entry's logit (a float, or (H, 1) per head), or None
                 when it has no fixed null entry (see null_log_n); a null logit of -inf is ordinary softmax
-    check       check(opts) raises ConfigError for AttentionOptions this variant cannot run, or None
+    check       check(opts) raises ConfigError for options this variant cannot run, or None
     param       param(opts, Tk) -> the per-call constant its weights take (sigmoid's b, softpick's eps), or None
     options     the AttentionOptions fields that belong to it: another variant must leave them at default
     unassigned  its rows need not sum to 1, so measurement reports 1 - row sum (NULL_VARIANTS)
@@ -86,8 +93,8 @@ class Variant:
     fast: FastPath | None
     no_fast: str = ""
     null_logit: Callable[[float, Tensor | None], Tensor | float] | None = None
-    check: Callable[[AttentionOptions], None] | None = None
-    param: Callable[[AttentionOptions, int], float] | None = None
+    check: Callable[[VariantOptions], None] | None = None
+    param: Callable[[VariantOptions, int], float] | None = None
     options: tuple[str, ...] = ()
     unassigned: bool = False
     fast_dropout: bool = True
@@ -135,7 +142,7 @@ def _chunked_choose(q: Tensor, dropout_p: float, cuda_kernel: str) -> str:
     return "chunked" if dropout_p == 0.0 else "reference"  # dropout would need its mask replayed per block
 
 
-def _check_sigmoid(o: AttentionOptions) -> None:
+def _check_sigmoid(o: VariantOptions) -> None:
     if o.sigmoid_bias is not None and not math.isfinite(o.sigmoid_bias):
         raise ConfigError(f"sigmoid attention: sigmoid_bias must be a finite number or None (-log T), "
                           f"got {o.sigmoid_bias!r}")

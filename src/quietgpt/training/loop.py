@@ -39,18 +39,18 @@ from __future__ import annotations
 import math
 import time
 
-from .atomic import atomic_write_json
-from .config import RunConfig
-from .device import allow_tf32, resolve_device
-from .runfolder import RunLock
-from .training.checkpointer import Checkpointer
-from .training.distributed import setup_distributed, teardown_distributed
-from .training.evaluate import Evaluator
-from .training.outliers import OutlierTracker
-from .training.reporting import Clock, RunLog
-from .training.schedule import derive_seed, get_lr
-from .training.setup import TrainRun, setup_run
-from .training.step import NonFiniteError, NonFiniteGuard, train_step
+from quietgpt.config import RunConfig
+from quietgpt.runs.lock import RunLock
+from quietgpt.training.checkpointer import Checkpointer
+from quietgpt.training.distributed import setup_distributed, teardown_distributed
+from quietgpt.training.evaluate import Evaluator
+from quietgpt.training.outliers import OutlierTracker
+from quietgpt.training.reporting import Clock, RunLog
+from quietgpt.training.schedule import derive_seed, get_lr
+from quietgpt.training.setup import TrainRun, setup_run
+from quietgpt.training.step import NonFiniteError, NonFiniteGuard, train_step
+from quietgpt.utils.atomic import atomic_write_json
+from quietgpt.utils.device import allow_tf32, resolve_device
 
 __all__ = ["NonFiniteError", "derive_seed", "get_lr", "train"]
 

@@ -10,7 +10,7 @@ A run folder holds
                         Plain tensors and Python types only, so torch.load(weights_only=True) reads it.
     best/               model.safetensors + config.json of the best val loss so far
 
-Every file is written atomically (quietgpt.atomic: temp file, fsync, rename). train_state.pt is written
+Every file is written atomically (quietgpt.utils.atomic: temp file, fsync, rename). train_state.pt is written
 first and is all that --resume reads, so a crash between the three files leaves either the old or the
 new resume point, never a mix of two steps (model.safetensors may then be one checkpoint behind
 train_state.pt; both are internally consistent, and the next save brings them level again).
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write, atomic_write_json
-from .config import SECTIONS, RunConfig
-from .device import resolve_device
-from .errors import QuietError
-from .model import GPT, GPTConfig
+from quietgpt.config import SECTIONS, RunConfig
+from quietgpt.errors import QuietError
+from quietgpt.nn.model import GPT, GPTConfig
+from quietgpt.utils.atomic import atomic_write, atomic_write_json
+from quietgpt.utils.device import resolve_device
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, STATE, BEST = "model.safetensors", "config.json", "train_state.pt", "best"

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .errors import ConfigError
+from quietgpt.errors import ConfigError
 
 Tensor = torch.Tensor
 

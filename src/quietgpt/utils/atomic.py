@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import QuietError
+from quietgpt.errors import QuietError
 
 # Test-only: seconds to sleep between writing the temporary file and renaming it, so fault tests can
 # kill a process in the middle of a checkpoint write.

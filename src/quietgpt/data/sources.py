@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import synthetic
-from .atomic import atomic_write, atomic_write_json
-from .config import DataConfig
-from .errors import QuietError
-from .tokenizers import TOKENIZERS, SyntheticTokenizer, Tokenizer, get_tokenizer, tokenizer_from_meta
+from quietgpt.config import DataConfig
+from quietgpt.data import synthetic
+from quietgpt.data.tokenizers import TOKENIZERS, SyntheticTokenizer, Tokenizer, get_tokenizer, tokenizer_from_meta
+from quietgpt.errors import QuietError
+from quietgpt.utils.atomic import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Start training from a pretrained GPT-2 with the attention swapped: train.init = "hf:NAME_OR_PATH".
 
-`quietgpt train --init hf:gpt2 --attention softmax1` reads a Hugging Face GPT-2 through quietgpt.hf's strict
+`quietgpt train --init hf:gpt2 --attention softmax1` reads a Hugging Face GPT-2 through interop/hf_import.py's strict
 import (a save_pretrained folder, or a hub name), copies every one of its tensors into this run's model, and
 sets what the variant adds by its SwapInit (SWAP_INITS) so that the swapped model starts as close to the
 pretrained softmax model as the variant's math allows. What comes from where:
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import RunConfig, apply_overrides
-from .errors import QuietError
-from .model import GPT
+from quietgpt.config import RunConfig, apply_overrides
+from quietgpt.errors import QuietError
+from quietgpt.nn.model import GPT
 
 PREFIX = "hf:"
 # what a run takes from the pretrained model (the run config's values are replaced)
@@ -99,8 +99,8 @@ def source_of(init: str) -> str:
 
 def load_pretrained(init: str) -> GPT:
     """The pretrained GPT-2 of train.init as a quietgpt softmax GPT (eval mode, CPU, float32), or a one-line
-    QuietError from quietgpt.hf's strict import."""
-    from .hf import load_hf_gpt2
+    QuietError from quietgpt.interop.hf_import's strict import."""
+    from quietgpt.interop.hf_import import load_hf_gpt2
 
     return load_hf_gpt2(source_of(init))
 

@@ -14,8 +14,8 @@ import math
 import numpy as np
 import torch
 
-from .model import GPT, SITES
-from .moments import Moments
+from quietgpt.measurement.moments import Moments
+from quietgpt.nn.model import GPT, SITES
 
 Tensor = torch.Tensor
 

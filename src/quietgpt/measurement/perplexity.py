@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .collectors import StatsCollector
-from .errors import QuietError
-from .model import GPT
+from quietgpt.errors import QuietError
+from quietgpt.measurement.collectors import StatsCollector
+from quietgpt.nn.model import GPT
 
 Tensor = torch.Tensor
 

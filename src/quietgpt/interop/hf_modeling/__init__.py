@@ -2,4 +2,4 @@
 softmax (`modeling_quietgpt.py`: QuietGPTConfig + QuietGPTForCausalLM). It imports only torch and
 transformers, never quietgpt, so a user without quietgpt loads the export with
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`. Importing this package imports
-nothing; quietgpt.hf_export imports the module itself (which needs transformers) to build the model."""
+nothing; quietgpt.interop.hf_export imports the module itself (which needs transformers) to build the model."""

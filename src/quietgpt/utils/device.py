@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from .errors import QuietError
+from quietgpt.errors import QuietError
 
 __all__ = ["allow_tf32", "amp_context", "resolve_device", "synchronize"]
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import synthetic
-from .errors import QuietError
+from quietgpt.data import synthetic
+from quietgpt.errors import QuietError
 
 TOKENIZERS = ("auto", "char", "byte", "gpt2")
 

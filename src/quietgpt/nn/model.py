@@ -40,10 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CUDA_KERNELS, PATHS, VARIANTS, AttentionOptions, QuietAttention
-from .errors import ConfigError
-from .gates import GATE_MODES, HeadGate, OutputGate
-from .softmax import check_clip_params
+from quietgpt.errors import ConfigError
+from quietgpt.nn.attention import QuietAttention
+from quietgpt.nn.gates import GATE_MODES, HeadGate, OutputGate
+from quietgpt.nn.kernels import CUDA_KERNELS
+from quietgpt.nn.options import PATHS, AttentionOptions
+from quietgpt.nn.softmax import check_clip_params
+from quietgpt.nn.variants import VARIANTS
 
 Tensor = torch.Tensor
 SITES = ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out", "attn_probs", "ln1_out", "ln2_out",
@@ -403,13 +406,3 @@ class GPT(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-
-    # ---------------------------------------------------------------- Hugging Face import
-
-    @classmethod
-    def from_hf(cls, model_or_state_dict, config: GPTConfig | None = None) -> GPT:
-        """Load Hugging Face GPT-2 weights (a `GPT2LMHeadModel` or its state dict) into the softmax
-        variant; see quietgpt.hf.from_hf, which refuses (QuietError) any model this one cannot reproduce."""
-        from .hf import from_hf
-
-        return from_hf(model_or_state_dict, config)

@@ -30,13 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .collectors import StatsCollector, weight_stats
-from .errors import QuietError
-from .hf import load_hf_gpt2
-from .model import GPT
-from .perplexity import calibration_batches, eval_windows, nll_pass, ppl_of
-from .quant import QuantConfig, check_dynamic, int8_dynamic, parse_quant_list, quantized
-from .registry import ACTIVATIONS, eval_summary
+from quietgpt.errors import QuietError
+from quietgpt.interop.hf_import import load_hf_gpt2
+from quietgpt.measurement.collectors import StatsCollector, weight_stats
+from quietgpt.measurement.perplexity import calibration_batches, eval_windows, nll_pass, ppl_of
+from quietgpt.measurement.registry import ACTIVATIONS, eval_summary
+from quietgpt.nn.model import GPT
+from quietgpt.quant.dynamic import check_dynamic, int8_dynamic
+from quietgpt.quant.simulated import quantized
+from quietgpt.quant.spec import QuantConfig, parse_quant_list
 
 Tensor = torch.Tensor
 
@@ -210,11 +212,11 @@ def evaluate_checkpoint(ckpt_dir: str | Path, *, data: str | None = None, quant:
     + measure(...).to_dict(). Raises QuietError for a missing/bad checkpoint or mismatched data."""
     import dataclasses
 
-    from .checkpoint import load_model
+    from quietgpt.runs.checkpoint import load_model
 
     parse_quant_list(quant)  # fail on a bad config before loading anything
     model, cfg = load_model(ckpt_dir, device=device)
-    from .data import prepare
+    from quietgpt.data.sources import prepare
 
     data_cfg = cfg.data if data is None else dataclasses.replace(cfg.data, source=data)
     try:
@@ -257,11 +259,11 @@ def evaluate_hf(path: str | Path, *, data: str, tokenizer: str | None = None, qu
     """measure(...).to_dict() of a saved Hugging Face GPT-2 model on the data source `data`, tokenised
     with `tokenizer` (default: gpt2 when the model has GPT-2's vocabulary, else the data's default) and
     cached in `cache_dir` ("" = the default cache)."""
-    from .config import DataConfig
+    from quietgpt.config import DataConfig
 
     parse_quant_list(quant)
     model = load_hf_gpt2(path)
-    from .data import prepare
+    from quietgpt.data.sources import prepare
 
     if tokenizer is None:
         tokenizer = "gpt2" if model.config.vocab_size >= 50257 else "auto"

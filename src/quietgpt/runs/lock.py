@@ -11,13 +11,13 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import QuietError
+from quietgpt.errors import QuietError
 
 __all__ = ["RunLock", "remove_stale_temporaries"]
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Delete the temporary files (quietgpt.atomic's `.<name>.*.tmp`) that a killed writer left in `folder`
+    """Delete the temporary files (quietgpt.utils.atomic's `.<name>.*.tmp`) that a killed writer left in `folder`
     and `folder/best`. Call it only while holding the folder's RunLock: then no live writer can own one."""
     for sub in (Path(folder), Path(folder) / "best"):
         for tmp in sub.glob(".*.tmp"):

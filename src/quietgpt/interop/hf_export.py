@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_json
-from .errors import QuietError
-from .hf import quiet_hf
-from .model import GPT
+from quietgpt.errors import QuietError
+from quietgpt.interop.hf_import import quiet_hf
+from quietgpt.nn.model import GPT
+from quietgpt.utils.atomic import atomic_write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILE = "quietgpt_tokenizer.json"
@@ -103,7 +103,7 @@ def to_gpt2(model: GPT, eos_token_id: int | None = None):
 def to_quietgpt_hf(model: GPT, eos_token_id: int | None = None):
     """QuietGPTForCausalLM (the modeling file's class, eval mode, float32) computing what `model` computes."""
     _transformers()
-    from .hf_modeling import modeling_quietgpt as mq
+    from quietgpt.interop.hf_modeling import modeling_quietgpt as mq
 
     c = model.config
     cfg = mq.QuietGPTConfig(
@@ -192,7 +192,7 @@ def tokenizer_document(meta: dict) -> dict | None:
     name = meta.get("name")
     if name not in TOKENIZER_USAGE:
         return None
-    from .data import tokenizer_from_meta
+    from quietgpt.data.tokenizers import tokenizer_from_meta
 
     tok = tokenizer_from_meta(meta)
     doc = {"format": "quietgpt-tokenizer", "version": 1, "type": name, "vocab_size": tok.vocab_size,
@@ -215,7 +215,7 @@ def write_tokenizer(meta: dict | None, folder: Path) -> str:
         atomic_write_json(folder / TOKENIZER_FILE, doc)
         return f"tokenizer: {TOKENIZER_FILE} ({doc['type']}, {doc['vocab_size']} tokens)"
     if meta.get("name") == "gpt2":
-        from .tokenizers import GPT2Tokenizer
+        from quietgpt.data.tokenizers import GPT2Tokenizer
 
         try:
             enc = GPT2Tokenizer().enc
@@ -273,7 +273,7 @@ def export_checkpoint(checkpoint, out, *, force: bool = False, dtype: str = "flo
     transformers; on any failure nothing is left at OUT but what was there before.
     """
     check_dtype(dtype)
-    from .checkpoint import load_model, read_config
+    from quietgpt.runs.checkpoint import load_model, read_config
 
     ckpt, out = Path(checkpoint), Path(out)
     doc = read_config(ckpt)
@@ -303,12 +303,12 @@ def _export(model: GPT, doc: dict, ckpt: Path, out: Path, dtype: str) -> dict:
     try:
         hf.to(DTYPES[dtype]).save_pretrained(str(tmp))
         if not softmax:
-            shutil.copyfile(str(resources.files("quietgpt.hf_modeling").joinpath(MODELING_FILE)),
+            shutil.copyfile(str(resources.files("quietgpt.interop.hf_modeling").joinpath(MODELING_FILE)),
                             tmp / MODELING_FILE)
         note = write_tokenizer(tok_meta, tmp)
         summary = {"out": str(out), "kind": "gpt2" if softmax else "quietgpt", "attention": model.config.attention,
                    "iter": doc.get("iter"), "dtype": dtype, "max_logit_diff": diff, "tokenizer": note}
-        from . import __version__
+        from quietgpt.utils.version import __version__
 
         atomic_write_json(tmp / PROVENANCE_FILE, {"format": "quietgpt-export", "version": 1,
                                                   "quietgpt_version": __version__, "checkpoint": str(ckpt),
