@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib
 import json
 import os
 import platform
@@ -34,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from quietgpt.nn import kernels as K
+from quietgpt.nn import variants as V
+from quietgpt.nn.attention import _attention
+from quietgpt.nn.options import AttentionOptions
 from quietgpt.utils.atomic import atomic_write_json
-
-A = importlib.import_module("quietgpt.nn.attention")  # the module (the package exports a function of this name)
-K = importlib.import_module("quietgpt.nn.kernels")
 
 VARIANTS = ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated", "softpick", "outgate", "sigmoid",
             "kvbias")
@@ -60,10 +60,10 @@ def _params(extra) -> list:
 
 
 @functools.cache
-def options(name: str, path: str, kernel: str) -> A.AttentionOptions:
+def options(name: str, path: str, kernel: str) -> AttentionOptions:
     """One row's attention options, built once: constructing them is not part of the timed call."""
     n = 2.0 if name == "softmax_n" else 1.0  # n belongs to softmax_n: other variants must leave it at 1
-    return A.AttentionOptions(variant=name, n=n, path=path, cuda_kernel=kernel or "auto")
+    return AttentionOptions(variant=name, n=n, path=path, cuda_kernel=kernel or "auto")
 
 
 def run_once(name, path, q, k, v, extra):
@@ -81,7 +81,7 @@ def run_once(name, path, q, k, v, extra):
         chosen = f"sdpa-{kernel}" if kernel else "sdpa"
     else:
         gate = {"gated": extra["gate"], "outgate": extra["gate_elementwise"]}.get(name)
-        out, chosen = A._attention(q, k, v, options(name, path, kernel),
+        out, chosen = _attention(q, k, v, options(name, path, kernel),
                                    sink_logit=extra["sink_logit"] if name == "sink" else None, gate=gate,
                                    kv_bias=extra["kv_bias"] if name == "kvbias" else None)
     out.backward(torch.ones_like(out))
@@ -95,7 +95,7 @@ def _run_prefix(name, q, k, v, extra) -> str:
     if name == "kvbias":
         out = K.kv_bias_attention("prefix", q, k, v, *extra["kv_bias"], True, scale, 0.0)
     else:
-        log_n = A.null_log_n(name, options(name, "auto", "").n, extra["sink_logit"])
+        log_n = V.null_log_n(name, options(name, "auto", "").n, extra["sink_logit"])
         out = K.null_attention("prefix", q, k, v, log_n, True, scale, 0.0)
     out.backward(torch.ones_like(out))
     return "prefix"
@@ -168,9 +168,9 @@ def bench(args) -> dict:
             cands += [("sdpa", "fast:flash"), ("sdpa", "fast:cudnn"), ("sdpa", "fast:efficient")]
         for name in args.variants:
             cands.append((name, "auto"))
-            if device.startswith("cuda") and args.kernels and name in A.LSE_VARIANTS:
+            if device.startswith("cuda") and args.kernels and name in V.LSE_VARIANTS:
                 cands += [(name, "auto:flash"), (name, "auto:cudnn")]
-            if args.prefix and name in A.LSE_VARIANTS:
+            if args.prefix and name in V.LSE_VARIANTS:
                 cands.append((name, "prefix"))
             if T <= args.max_reference_T and name != "clipped":  # clipped's auto path *is* the reference
                 cands.append((name, "reference"))

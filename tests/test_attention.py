@@ -2,7 +2,6 @@
 reference path against an independent float64 formula."""
 
 import dataclasses
-import importlib
 import math
 
 import pytest
@@ -12,8 +11,7 @@ import torch.nn.functional as F
 from quietgpt import AttentionOptions, QuietAttention, attention, select_path
 from quietgpt.errors import ConfigError
 from quietgpt.nn import kernels as K
-
-A = importlib.import_module("quietgpt.nn.attention")  # the module: the package exports a function of this name
+from quietgpt.nn import variants as V
 
 VARIANTS = ["softmax", "softmax1", "softmax_n", "sink", "clipped", "gated", "softpick", "outgate", "sigmoid",
             "kvbias"]
@@ -114,11 +112,15 @@ def test_reference_matches_float64_formula(variant):
     assert torch.allclose(got, naive_for(variant, q, k, v, kw), atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+FAST = [v for v in VARIANTS if v != "clipped"]  # clipped has no fast path: test_clipped_* check it
+
+
+@pytest.mark.parametrize("variant", FAST)
 @pytest.mark.parametrize("shape", [(2, 3, 37, 16), (1, 1, 1, 8), (3, 2, 130, 32), (1, 2, 260, 16)])  # kvbias: LSE
 def test_fast_equals_reference_values_and_grads(variant, shape):
     B, H, T, D = shape
     q, k, v = make_qkv(B, H, T, D, seed=T)
+    assert select_path(variant, "auto", q) != "reference"  # two different paths are compared
     kw = kwargs_for(variant, H)
     if variant in ("gated", "outgate"):
         kw["gate"] = torch.rand(B, H, T, 1 if variant == "gated" else D)
@@ -136,6 +138,21 @@ def test_fast_equals_reference_values_and_grads(variant, shape):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
     # and the fast path against the float64 formula
     assert torch.allclose(outs["auto"].double(), naive_for(variant, q, k, v, kw), atol=1e-5)
+
+
+def test_clipped_reference_values_and_grads_against_float64_formula():
+    """Clipped softmax has only the reference path: its values and gradients against the independent float64
+    formula (naive64 with the clip), at gamma/zeta where the clip is active at both ends."""
+    q, k, v = make_qkv(dtype=torch.float64)
+    out = attention(q, k, v, "clipped", gamma=-0.05, zeta=1.02)
+    ref = naive64(q, k, v, clip=(-0.05, 1.02))
+    assert torch.allclose(out, ref, atol=1e-12)
+    probs = []
+    attention(q, k, v, "clipped", gamma=-0.05, zeta=1.02, probs_hook=lambda p: probs.append(p) or p)
+    assert (probs[0] == 0).any() and (probs[0] == 1).any()  # both ends of the clip are exercised
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [q, k, v], g), torch.autograd.grad(ref, [q, k, v], g)):
+        assert torch.allclose(a, b, atol=1e-10)
 
 
 @pytest.mark.parametrize("variant", ["softmax1", "softmax_n", "sink", "kvbias", "softpick", "sigmoid"])
@@ -380,7 +397,7 @@ def test_cuda_fast_path_equals_reference(variant, dtype, kernel):
         kw["gate"] = torch.rand(B, H, T, 1 if variant == "gated" else D, device="cuda", dtype=dtype)
     if variant == "kvbias":
         kw["kv_bias"] = tuple(torch.randn(H, D, device="cuda").requires_grad_() for _ in range(2))
-    if variant in A.LSE_VARIANTS:
+    if variant in V.LSE_VARIANTS:
         want = "prefix" if dtype == torch.float32 else f"lse-{'cudnn' if kernel == 'auto' else kernel}-cuda"
         assert select_path(variant, "auto", q, cuda_kernel=kernel) == want
     results = {}
@@ -393,3 +410,49 @@ def test_cuda_fast_path_equals_reference(variant, dtype, kernel):
     assert torch.allclose(results["auto"][0].float(), results["reference"][0].float(), atol=tol, rtol=tol)
     for a, b in zip(results["auto"][1], results["reference"][1]):
         assert torch.allclose(a.float(), b.float(), atol=tol * 5, rtol=tol * 5)
+
+
+def test_the_variants_that_can_leave_mass_are_those_whose_rows_do_not_sum_to_one():
+    """Review defect: variants.py said clipped cannot leave mass while the report said it can. One list
+    (NULL_VARIANTS), checked against what each variant's weights do: rows of random scores that sum to 1 to
+    float64 precision, or not."""
+    from quietgpt.nn.attention import reference_attention
+    from quietgpt.nn.variants import NULL_VARIANTS, null_log_n
+    from quietgpt.report.cells import CAN_LEAVE_MASS
+
+    q, k, v = make_qkv(dtype=torch.float64)
+    leaves = set()
+    for variant in VARIANTS:
+        kw = kwargs_for(variant, 3, torch.float64)
+        seen = []
+        reference_attention(q, k, v, variant, log_n=null_log_n(variant, kw.get("n", 1.0), kw.get("sink_logit")),
+                            gamma=kw.get("gamma", -0.03), zeta=kw.get("zeta", 1.0), kv_bias=kw.get("kv_bias"),
+                            param=V.VARIANT_SPECS[variant].param(AttentionOptions(variant=variant), 37)
+                            if V.VARIANT_SPECS[variant].param else None,
+                            probs_hook=lambda p, seen=seen: seen.append(p) or p)
+        if (seen[0].sum(-1) - 1).abs().max() > 1e-9:
+            leaves.add(variant)
+    assert leaves == set(NULL_VARIANTS) == set(CAN_LEAVE_MASS)
+    assert "clipped" in leaves and not {"softmax", "gated", "outgate"} & leaves
+
+
+def test_every_variant_option_has_one_owner_table():
+    """Review defect: "this option belongs to variant X" was written three times. The variant table is the
+    one source: the model's config fields and the attention core's options both come from it, and an owned
+    option set on another variant is a one-line error naming its owner."""
+    from quietgpt.nn import model as M
+    from quietgpt.nn import variants as V
+
+    assert M.VARIANT_FIELDS is V.VARIANT_FIELDS
+    assert V.VARIANT_FIELDS == {f: v for v, s in V.VARIANT_SPECS.items() for f in s.config_fields}
+    assert V.OPTION_OWNERS == {f: v for v, s in V.VARIANT_SPECS.items() for f in s.options}
+    non_default = {"softmax_n": 2.0, "clip_gamma": -0.1, "clip_zeta": 1.1, "gate_init": 0.5, "sink_init": 1.0,
+                   "gate_mode": "headwise", "sigmoid_bias": "-3.0"}
+    assert set(non_default) == set(V.VARIANT_FIELDS)
+    for name, owner in V.VARIANT_FIELDS.items():
+        M.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11, attention=owner,
+                    **{name: non_default[name]})
+        other = "softmax1" if owner != "softmax1" else "softmax"
+        with pytest.raises(ConfigError, match=f"model.{name} belongs to attention '{owner}'"):
+            M.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11, attention=other,
+                        **{name: non_default[name]})

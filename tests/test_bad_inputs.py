@@ -153,25 +153,26 @@ HF_MODELS = {  # folder name -> GPT2Config fields (see make_world)
 
 def _api_rows():
     from quietgpt import config, study
-    from quietgpt.measurement import evaluate as metrics
+    from quietgpt.measurement import evaluate
     from quietgpt.runs import checkpoint
-    from quietgpt.training import loop as train
+    from quietgpt.training import loop
 
     return {
-        "api-load-model": ("checkpoint.load_model on a missing folder", lambda w: checkpoint.load_model(w / "missing")),
+        "api-load-model": ("runs.checkpoint.load_model on a missing folder",
+                           lambda w: checkpoint.load_model(w / "missing")),
         "api-from-dict": ("RunConfig.from_dict with a wrong type",
                           lambda w: config.RunConfig.from_dict({"model": {"n_layer": "x"}})),
         "api-load-config": ("config.load_config with an unknown preset", lambda w: config.load_config("nosuch")),
-        "api-evaluate-quant": ("metrics.evaluate_checkpoint with an unknown quant config",
-                               lambda w: metrics.evaluate_checkpoint(w / "run", quant=["int3"])),
-        "api-train-state": ("checkpoint.load_train_state on a truncated file",
+        "api-evaluate-quant": ("measurement.evaluate.evaluate_checkpoint with an unknown quant config",
+                               lambda w: evaluate.evaluate_checkpoint(w / "run", quant=["int3"])),
+        "api-train-state": ("runs.checkpoint.load_train_state on a truncated file",
                             lambda w: checkpoint.load_train_state(w / "trunc")),
-        "api-train-device": ("train.train on a device that is not there",
-                             lambda w: train.train(config.load_config("default", {
+        "api-train-device": ("training.loop.train on a device that is not there",
+                             lambda w: loop.train(config.load_config("default", {
                                  "train.device": "cuda:0", "train.out_dir": str(w / "new")}))),
         "api-study-variant": ("study.run_study with a path as a variant",
                               lambda w: study.run_study(w / "s2", variants=["softmax", "../x"])),
-        "api-int8-cuda": ("metrics.measure with int8-dynamic on a CUDA device", lambda w: metrics.measure(
+        "api-int8-cuda": ("measurement.evaluate.measure with int8-dynamic on a CUDA device", lambda w: evaluate.measure(
             *_model_and_data(w / "run"), quant=["w8a8", "int8-dynamic"], device="cuda")),
     }
 

@@ -181,3 +181,30 @@ def test_help_shows_defaults_and_the_real_cache_path():
     train = " ".join(verbs["train"].format_help().split())
     assert "scales the preset's warmup_iters and lr_decay_iters" in train
     assert "(default: None)" not in train + sample + ev
+
+
+def test_output_piped_into_head_exits_quietly():
+    """Review defect: `quietgpt presets | head -1` ended in a BrokenPipeError traceback. A CLI whose reader
+    closed the pipe stops quietly, with the conventional 128 + SIGPIPE status."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(f"'{sys.executable}' -m quietgpt presets | head -1; exit ${{PIPESTATUS[0]}}",
+                       shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
+    assert p.stdout.startswith("training presets") and p.stdout.count("\n") == 1
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+    assert p.returncode in (0, 141)
+
+
+def test_the_top_help_and_the_full_preset_say_what_is_there(capsys):
+    """Review defects: --help promised "8-bit quantized perplexity" (the sweep takes any bit width and
+    methods); the `full` study preset said "all six attention variants" where ten exist. It now runs every
+    variant and its description counts them."""
+    from quietgpt.nn.variants import VARIANTS
+    from quietgpt.study.spec import resolve_spec
+
+    text = build_parser().format_help()
+    assert "8-bit quantized" not in text and "quantiz" in text
+    spec = resolve_spec("full")
+    assert tuple(spec.variants) == VARIANTS
+    assert f"all {len(VARIANTS)} attention variants" in spec.description

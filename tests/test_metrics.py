@@ -104,6 +104,21 @@ def test_weight_stats_per_tensor_and_layer_against_scipy():
     assert by_layer[1]["numel"] == pooled.size
 
 
+@pytest.mark.parametrize("attention, extra", [("softmax", {}), ("kvbias", {}), ("gated", {}), ("outgate", {}),
+                                              ("outgate", {"gate_mode": "headwise"}), ("sink", {})])
+def test_weights_by_layer_pools_the_same_four_matmuls_in_every_variant(attention, extra):
+    """Review defect: kvbias's k'/v' and the gate weights were labelled "linear" and pooled into
+    weights_by_layer for those variants only. Per layer the pool is the four block matmuls, 12 C^2 numbers
+    (c_attn 3C x C, attn.c_proj C x C, c_fc 4C x C, mlp.c_proj C x 4C), whatever the variant."""
+    model = tiny(attention, **extra)
+    rows, by_layer = weight_stats(model)
+    C = model.config.n_embd
+    assert [b["numel"] for b in by_layer] == [12 * C * C] * model.config.n_layer
+    kinds = {r["name"]: r["kind"] for r in rows}
+    extras = [n for n in kinds if ".core.k_bias" in n or ".core.v_bias" in n or ".attn.gate." in n]
+    assert all(kinds[n] != "linear" for n in extras), {n: kinds[n] for n in extras}
+
+
 # ----------------------------------------------------------------------------- activations
 
 
@@ -286,3 +301,15 @@ def test_bad_data_is_a_one_line_error():
         measure(model, ds, quant=())
     with pytest.raises(QuietError, match="w<bits>a<bits>"):
         measure(model, dataset(), quant=("int8",))
+
+
+def test_measure_leaves_the_callers_model_where_it_was():
+    """Review defect: measure() moved the caller's model to its device. Measured on a device the model is not
+    on, it works on a copy: here "meta", where the measurement itself cannot finish, and the caller's
+    weights must still be on the CPU with their values."""
+    model = tiny("softmax1")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(Exception):  # noqa: B017 (whatever meta tensors raise first)
+        measure(model, dataset(), quant=[], n_sequences=2, device="meta")
+    for k, v in model.state_dict().items():
+        assert v.device.type == "cpu" and torch.equal(v, before[k]), k

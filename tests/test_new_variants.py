@@ -290,11 +290,11 @@ def test_outgate_is_quantized_like_a_linear_layer():
         with quantized(model, parse_quant("w4a8"), calib) as state:
             names = set(state.act)
             if quantizes:
-                assert not torch.equal(model.transformer.h[0].attn.gate.weight, before)
+                assert not torch.equal(state.model.transformer.h[0].attn.gate.weight, before)
         assert ({"transformer.h.0.attn.gate.in", "transformer.h.0.attn.gate.out"} <= names) == quantizes
         assert ("transformer.h.0.attn.gate.weight" in state.weights) == quantizes
         if before is not None:
-            assert torch.equal(model.transformer.h[0].attn.gate.weight, before)  # restored
+            assert torch.equal(model.transformer.h[0].attn.gate.weight, before)  # the model itself untouched
 
 
 def test_collected_unassigned_mass_is_the_weight_on_the_bias_key():

@@ -92,8 +92,21 @@ def tiny_model(attention: str = "sink") -> GPT:
     return GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16, attention=attention))
 
 
-def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
-    model = tiny_model("sink")
+# The block matmul weights of a 2-layer model, by hand: what Muon may take (Keller Jordan's rule: hidden
+# matmul weights only; embeddings, the head, gains, biases, sink logits, kvbias's key and value vectors and
+# the per-head gate vectors go to AdamW). Outgate's gate is a full (out, C) matmul over the block input.
+MATMULS = {f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                        "mlp.c_proj")}
+OUTGATE = {f"transformer.h.{i}.attn.gate.weight" for i in range(2)}
+
+
+@pytest.mark.parametrize("attention, extra", [(v, {}) for v in ("softmax", "softmax1", "softmax_n", "sink", "clipped",
+                                                                "gated", "softpick", "outgate", "sigmoid", "kvbias")]
+                         + [("outgate", {"gate_mode": "headwise"}), ("outgate", {"gate_mode": "constant"})])
+def test_muon_takes_the_block_matmul_weights_and_adamw_the_rest(attention, extra):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16, attention=attention,
+                          **extra))
     tc = load_config("default", {"train.optimizer": "muon", "train.learning_rate": "1e-3"}).train
     opt = build_optimizer(model, tc, "cpu")
     assert isinstance(opt, Chained)
@@ -101,19 +114,28 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
-    want = {n for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("transformer.h.")}
-    assert in_muon == want and all(n.endswith("weight") for n in in_muon)
+    want = MATMULS | (OUTGATE if attention == "outgate" and extra.get("gate_mode") != "constant" else set())
+    assert in_muon == want
     rest = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
     assert rest == set(names.values()) - want and "transformer.wte.weight" in rest
-    assert any(n.endswith("sink_logit") for n in rest)
     decays = {names[id(p)]: g["weight_decay"] for g in adamw.param_groups for p in g["params"]}
     assert decays["transformer.wte.weight"] == tc.weight_decay and decays["transformer.ln_f.weight"] == 0.0
-    # the schedule moves Muon's rate in proportion to AdamW's
-    from quietgpt.training.step import train_step  # noqa: F401  (the code that reads lr_scale)
 
-    for group in opt.param_groups:
-        group["lr"] = 5e-4 * group["lr_scale"] if "lr_scale" in group else 5e-4
-    assert muon.param_groups[0]["lr"] == pytest.approx(0.02 * 0.5) and adamw.param_groups[0]["lr"] == 5e-4
+
+def test_the_schedule_moves_muons_rate_in_proportion():
+    """train_step itself sets each group's rate: AdamW's groups get the scheduled lr, Muon's lr x muon_lr /
+    learning_rate (so warmup and decay apply to both)."""
+    from quietgpt.training.step import NonFiniteGuard, build_step_parts, train_step
+
+    model = tiny_model("sink")
+    tc = load_config("default", {"train.optimizer": "muon", "train.learning_rate": "1e-3", "train.muon_lr": "0.02",
+                                 "train.compile": "false"}).train
+    parts = build_step_parts(model, tc, torch.device("cpu"))
+    x = torch.randint(0, 40, (2, 16))
+    train_step(parts, [(x, x)], it=0, lr=5e-4, guard=NonFiniteGuard(tc, torch.device("cpu")))
+    muon, adamw = parts.optimizer.optimizers
+    assert [g["lr"] for g in muon.param_groups] == [pytest.approx(0.02 * 5e-4 / 1e-3)]
+    assert {g["lr"] for g in adamw.param_groups} == {5e-4}
 
 
 def tiny_run(tmp_path, name: str, optimizer: str, iters: int, resume: bool = False) -> dict:

@@ -15,7 +15,7 @@ from scipy import stats as sps
 
 from quietgpt import GPT, GPTConfig, report, study
 from quietgpt.measurement.evaluate import measure
-from quietgpt.measurement.registry import catalogue, eval_summary, study_metrics
+from quietgpt.measurement.registry import catalogue, study_metrics
 from quietgpt.stats import fmt
 from quietgpt.utils.atomic import atomic_write_json
 
@@ -72,21 +72,53 @@ def test_gate_outlier_gives_one_weight_kurtosis_everywhere(tmp_path):
     assert fmt(row["weight_kurtosis_max"]) in line
 
 
+def _by_hand(m, ev: dict):
+    """A metric recomputed from the eval JSON by this test's own selection and reduction (not the registry's
+    Selection.keep and reducers): the value measure() must have put in its summary."""
+    import re
+
+    import numpy as np
+
+    from quietgpt.measurement.registry import MAX, MEAN, SUM
+
+    keep = {"weights": lambda e: re.fullmatch(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+                                              r"\.weight", e["name"]) is not None,
+            "activations": lambda e: e["site"] in ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out")}
+    if m.select.section == "activations" and m.select.text.startswith("the residual stream after each block"):
+        keep["activations"] = lambda e: e["site"] == "block_out"
+    if m.key.startswith(("wpe_", "wte_")):  # one embedding table
+        keep["weights"] = lambda e: e["name"] == f"transformer.{m.key[:3]}.weight"
+    values = [e[m.field] for e in ev[m.select.section] if keep.get(m.select.section, lambda e: True)(e)
+              and e.get(m.field) is not None]
+    if not values:
+        return None
+    return {id(MAX): max, id(MEAN): lambda v: float(np.mean(v)), id(SUM): sum}[id(m.reduce)](values)
+
+
 def test_every_eval_metric_is_in_measure_summary_and_agrees():
-    """measure()'s summary is exactly the registry's eval metrics (plus two location entries)."""
+    """measure()'s summary is exactly the registry's eval metrics (plus two location entries), each equal to
+    its definition recomputed here from the eval JSON's entries."""
+    from quietgpt.measurement.registry import catalogue
+
     model = tiny_gated(1)
     ev = measure(model, data(), quant=["w8a8", "w4a8"], n_sequences=4, calib_batches=2).to_dict()
-    want = eval_summary(ev, ["w8a8", "w4a8"])
+    metrics = {k: m for k, m in catalogue(["w8a8", "w4a8"]).items() if m.source == "eval"}
     got = {k: v for k, v in ev["summary"].items() if not k.endswith("_at")}
-    assert got.keys() == want.keys()
-    for k, v in want.items():
-        assert got[k] == pytest.approx(v, rel=1e-12), k
-    # hand-checked definitions on the same JSON
+    assert got.keys() == metrics.keys()
+    for k, m in metrics.items():
+        if m.read is None:
+            want = _by_hand(m, ev)
+            assert (got[k] is None) if want is None else got[k] == pytest.approx(want, rel=1e-12), k
+    # the rest by their definitions
     acts = [a for a in ev["activations"] if a["site"] != "attn_probs"]
     assert got["act_inf_norm_max"] == max(a["inf_norm_max"] for a in acts)
     block = [a for a in ev["activations"] if a["site"] == "block_out"]
     assert got["block_out_inf_norm_seq_mean_max"] == max(a["inf_norm_mean"] for a in block)
-    assert got["ppl_ratio_w4a8"] == pytest.approx(ev["perplexity"]["w4a8"] / ev["perplexity"]["fp"])
+    for q in ("w8a8", "w4a8"):
+        assert got[f"kl_{q}"] == ev["kl"][q] and got[f"top1_{q}"] == ev["top1_agreement"][q]
+        assert got[f"ppl_{q}"] == ev["perplexity"][q]
+        assert got[f"ppl_ratio_{q}"] == pytest.approx(ev["perplexity"][q] / ev["perplexity"]["fp"])
+    assert got["ppl"] == ev["perplexity"]["fp"]
     assert "block_out_inf_norm_max" not in got  # renamed: it is a max over layers of a mean over sequences
 
 
@@ -100,13 +132,14 @@ def test_catalogue_is_well_formed():
     assert "whole validation split" in catalogue(["w8a8"])["ppl"].definition
     # the study's row keys, in the order the report and CSV show them
     assert list(study_metrics(["w8a8", "w4a8"])) == [
-        "val_loss", "ppl", "weight_kurtosis_mean", "weight_kurtosis_max", "act_inf_norm_max", "act_kurtosis_mean",
+        "val_loss", "ppl", "weight_kurtosis_mean", "weight_kurtosis_max", "weight_max_abs", "wpe_kurtosis",
+        "wpe_max_abs", "wte_kurtosis", "wte_max_abs", "act_inf_norm_max", "act_kurtosis_mean",
         "unassigned_mass_mean", "sink_rate", "first_token_argmax_share", "attention_zero_share",
         "massive_ratio_max", "massive_count",
         "bondarenko_max_inf_norm", "bondarenko_avg_kurtosis", "act_max_first_token", "act_max_other_tokens",
         "act_kurtosis_first_token", "act_kurtosis_other_tokens", "gate_mean", "ppl_w8a8", "ppl_w4a8", "ppl_ratio_w8a8",
-        "ppl_ratio_w4a8", "tokens_per_s", "wall_s"]
-    assert not any(k.startswith("ppl_") for k in study_metrics([]))
+        "ppl_ratio_w4a8", "kl_w8a8", "kl_w4a8", "top1_w8a8", "top1_w4a8", "tokens_per_s", "wall_s"]
+    assert not any(k.startswith(("ppl_", "kl_", "top1_")) for k in study_metrics([]))
     assert [k for k, m in cat.items() if m.headline] == [
         "val_loss", "ppl", "weight_kurtosis_max", "act_inf_norm_max", "act_kurtosis_mean", "unassigned_mass_mean",
         "sink_rate", "bondarenko_max_inf_norm", "ppl_w8a8", "ppl_ratio_w8a8"]

@@ -187,7 +187,7 @@ def test_html_opens_with_the_answer_and_forest_and_folds_the_details(tmp_path):
     # everything but the effects table, the outliers through training (and failed runs) is folded
     unfolded = [e for e in ev if e[2] == 0 and e[0] in ("table", "figure")]
     assert unfolded == [("figure", "fig-forest", 0), ("table", None, 0), ("figure", "fig-trajectories", 0)]
-    assert sum(e[0] == "details" for e in ev) == 5
+    assert sum(e[0] == "details" for e in ev) == 6  # + which outlier metric predicts the damage
     # the full verdict sentences are only inside <details>
     outside = " ".join(page.outside)
     for c in results["comparisons"]:

@@ -6,6 +6,7 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from quietgpt.cli import main
@@ -302,3 +303,35 @@ def test_a_run_under_init_is_recognised_though_its_config_json_holds_the_pretrai
     other = load_config("default", {"train.init": "hf:/somewhere", "model.attention": "sink",
                                     "train.learning_rate": "3e-4", "train.out_dir": str(tmp_path)})
     assert not _same_config(tmp_path, other)  # a setting the pretrained model does not set still counts
+
+
+@pytest.mark.slow
+def test_a_study_measures_sensitivity_and_the_predictors_and_reports_them(tmp_path):
+    """study.sensitivity: each run's eval.json has every group's ratio; results.json's "sensitivity" holds the
+    groups in quant_groups' order with each arm's means equal to its runs' and the paired differences; the
+    report shows the heat map and the predictor table. A re-measure of the same runs with another sweep (--force)
+    reuses the checkpoints: no training step is taken."""
+    from quietgpt.quant.simulated import group_order
+
+    out = tmp_path / "s"
+    rc = main(["study", "--out", str(out), "--variants", "softmax,softmax1", "--seeds", "3", "--jobs", "1",
+               "--quant", "w4a8,w4a8-gptq", "--sensitivity", "w4a8", *tiny_args(tmp_path / "cache")])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    sens = res["sensitivity"]["w4a8"]
+    assert sens["groups"] == sorted(sens["groups"], key=group_order) and sens["groups"][-1] == "all"
+    assert sens["groups"][:3] == ["wte/head", "wpe", "h0.qkv"]
+    evs = [json.loads((out / "runs" / f"softmax-s{s}" / "eval.json").read_text()) for s in range(3)]
+    for g in sens["groups"]:
+        assert sens["arms"]["softmax"][g]["mean"] == pytest.approx(np.mean([e["sensitivity"]["w4a8"][g] for e in evs]))
+    assert sens["diff"]["softmax1"]["all"]["n"] == 3
+    assert set(res["predictors"]["runs"]) == {"ppl_ratio_w4a8", "ppl_ratio_w4a8-gptq"}
+    md = (out / "report.md").read_text()
+    assert "## Where the penalty lives" in md and "plots/sensitivity_w4a8.png" in md
+    assert "Which outlier metric predicts the damage" in md and (out / "plots" / "sensitivity_w4a8.png").is_file()
+    steps = (out / "runs" / "softmax-s0" / "metrics.jsonl").read_text().count('"train_loss"')
+    rc = main(["study", "--out", str(out), "--variants", "softmax,softmax1", "--seeds", "3", "--jobs", "1",
+               "--quant", "w4a8-g8-e8", "--force", *tiny_args(tmp_path / "cache")])
+    assert rc == 0
+    assert (out / "runs" / "softmax-s0" / "metrics.jsonl").read_text().count('"train_loss"') == steps
+    assert "ppl_ratio_w4a8-g8-e8" in json.loads((out / "results.json").read_text())["runs"][0]

@@ -7,6 +7,7 @@ import pytest
 from quietgpt.cli import main
 from quietgpt.config import StudyConfig, load_config
 from quietgpt.errors import ConfigError
+from quietgpt.nn.variants import VARIANTS
 from quietgpt.presets import study_preset_names
 from quietgpt.study.spec import StudySpec, resolve_spec
 
@@ -23,7 +24,7 @@ def test_shipped_study_presets_resolve_and_default_is_the_readme_study():
     t = d.run.train
     assert (t.max_iters, t.lr_decay_iters, t.warmup_iters, t.eval_interval, t.eval_iters) == (250, 250, 25, 125, 10)
     assert d.run.model == load_config("default").model  # everything else is the training preset's
-    assert resolve_spec("full").variants == ("softmax", "softmax1", "softmax_n", "sink", "clipped", "gated")
+    assert resolve_spec("full").variants == VARIANTS
     assert resolve_spec("shakespeare-char-cpu").eval_tokens is None  # the whole validation split
 
 
@@ -98,7 +99,7 @@ def test_presets_lists_training_and_study_presets(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "training presets" in out and "study presets" in out
-    assert "full" in out and "all six attention variants" in out  # the study-only preset, with its description
+    assert "full" in out and "all 10 attention variants" in out  # the study-only preset, with its description
     assert out.count("wall time: ") == len(study_preset_names())  # and every study preset's estimate
     assert main(["presets", "full"]) == 0
     assert "[study]" in capsys.readouterr().out

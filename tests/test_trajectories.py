@@ -84,16 +84,16 @@ def test_points_follow_the_interval_and_the_last_point_is_the_registry_value(tmp
     y = torch.from_numpy(np.stack([ds.val[s + 1:s + 1 + n] for s, n in windows]).astype(np.int64))
     model.eval()
 
-    def nll() -> float:
+    def nll(m=model) -> float:
         with torch.no_grad():
-            logits, _ = model(x)
+            logits, _ = m(x)
         return float(F.cross_entropy(logits.double().flatten(0, 1), y.flatten(), reduction="mean"))
 
     fp = nll()
-    calib = calibration_batches(ds.train, cfg.train.outlier_calib_batches, 4, T, 0, "cpu")
+    calib = calibration_batches(ds.train, cfg.train.outlier_calib_batches, 8, T, 0, "cpu")  # measure()'s size
     for q in ("w8a8", "w4a8"):
-        with quantized(model, parse_quant(q), calib):
-            ratio = math.exp(nll() - fp)
+        with quantized(model, parse_quant(q), calib) as st:
+            ratio = math.exp(nll(st.model) - fp)
         assert pts[6][f"ppl_ratio_{q}"] == pytest.approx(ratio, rel=1e-5), q
 
 
@@ -203,3 +203,37 @@ def test_presets_carry_trajectories_that_end_on_a_quantized_point():
     for t in runs:
         assert t.outlier_interval > 0
         assert t.max_iters % (t.outlier_interval * t.outlier_quant_every) == 0  # the last point has the ratios
+
+
+def test_emergence_of_a_study_that_crosses_optimizers_is_per_arm():
+    """Review defect: a study crossing optimizers keys its trajectories by arm ("softmax+muon"); the emergence
+    statements must be made per arm, not looked up under the bare variant names (which found nothing)."""
+    from quietgpt.study.results import trajectory_summary
+    from quietgpt.study.spec import resolve_spec
+
+    spec = resolve_spec("default", variants=["softmax", "softmax1"], seeds=1, optimizers=["adamw", "muon"])
+    key = "sink_rate"  # one of the emergence statements (study/results.py EMERGENCE)
+    trajs = {(arm, 0): {key: [(0, 0.1), (10, 0.5)]} for arm in spec.arms}
+    found = {e["variant"] for e in trajectory_summary(spec, trajs)["emergence"] if e["metric"] == key}
+    assert found == set(spec.arms) == {"softmax+adamw", "softmax+muon", "softmax1+adamw", "softmax1+muon"}
+
+
+@pytest.mark.parametrize("n_tokens, block_size, n", [(1000, 32, 4), (1000, 32, 100), (40, 32, 4), (20, 32, 3)])
+def test_trajectory_windows_are_the_ones_measure_observes(n_tokens, block_size, n):
+    """Review defect: the fixed windows were a copy of measure()'s draw. Now one function draws them; measure()
+    records the windows it observed, and the trajectory reads exactly those (also when the split has fewer full
+    windows than asked, or none)."""
+    import types
+
+    import numpy as np
+
+    from quietgpt import GPT, GPTConfig
+    from quietgpt.measurement.evaluate import measure
+
+    rng = np.random.default_rng(0)
+    data = types.SimpleNamespace(train=rng.integers(0, 20, 500).astype(np.uint16),
+                                 val=rng.integers(0, 20, n_tokens).astype(np.uint16), vocab_size=20)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
+    got = measure(model, data, quant=[], n_sequences=n, seed=0).observed
+    assert got == [start for start, _ in trajectory_windows(n_tokens, block_size, n)]
+    assert len(got) == min(n, max(1, (n_tokens - 1) // block_size))

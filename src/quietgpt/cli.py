@@ -1,7 +1,8 @@
 """The `quietgpt` command line: one function per verb.
 
 Exit codes: 0 done, 2 bad input (a one-line message naming the problem and the fix, no traceback),
-1 internal error (a bug: the traceback is shown), 130 interrupted.
+1 internal error (a bug: the traceback is shown), 130 interrupted, 141 the reader of its output went away
+(`quietgpt presets | head`: it stops quietly, as a Unix tool killed by SIGPIPE would).
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from quietgpt.utils.atomic import atomic_write_json
 
     quant = [q.name for q in parse_quant_list(args.quant)]  # a bad name fails before any loading
+    sensitivity = [q.name for q in parse_quant_list(args.sensitivity)]
     if args.threads:
         import torch
 
@@ -228,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from quietgpt.utils.device import resolve_device
 
     kw = dict(quant=quant, device=str(resolve_device(args.device)), n_sequences=args.n_sequences,
-              calib_batches=args.calib_batches, seed=args.seed, batch_size=args.batch_size)
+              calib_batches=args.calib_batches, seed=args.seed, batch_size=args.batch_size, sensitivity=sensitivity)
     if args.hf is not None:
         if not args.data:
             raise QuietError("--hf needs --data SOURCE (a .txt file or folder, or hf:NAME) to evaluate on")
@@ -245,6 +247,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for key, m in catalogue(quant, result.get("eval_tokens")).items():  # the registry's eval metrics
         if m.source == "eval" and not key.startswith("ppl") and s.get(key) is not None:
             print(f"{m.label} ({key}): {s[key]:.4g}")
+    for q, groups in (result.get("sensitivity") or {}).items():
+        worst = sorted(((g, r) for g, r in groups.items() if g != "all"), key=lambda t: -t[1])[:5]
+        print(f"{q} one group at a time (ratio to FP): all {groups['all']:.4g}; largest "
+              + ", ".join(f"{g} {r:.4g}" for g, r in worst))
     print(f"wrote {args.json} ({result['wall_s']:.1f} s)")
     return 0
 
@@ -274,6 +280,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                         data=args.data,
                         device=args.device, overrides=parse_assignments(args.set), jobs=args.jobs,
                         quant=None if args.quant is None else [q for q in args.quant.split(",") if q.strip()],
+                        sensitivity=None if args.sensitivity is None else
+                        [q for q in args.sensitivity.split(",") if q.strip()],
                         launcher=args.launcher, force=args.force, progress=True)
     _print_study(results, args.out)
     return 0
@@ -306,7 +314,10 @@ def _add_eval(verb) -> None:
     p.add_argument("--checkpoint", help="a training output folder")
     p.add_argument("--hf", help="a saved Hugging Face GPT-2 model folder instead of --checkpoint")
     p.add_argument("--data", help="data source (default: the checkpoint's own)")
-    p.add_argument("--quant", default="w8a8", help="comma-separated quant configs, e.g. w8a8,w4a8 ('' for none)")
+    p.add_argument("--quant", default="w8a8", help="comma-separated quant configs, e.g. w8a8,w4a8-g32-e8,"
+                   "w4a16-g128-gptq ('' for none; the grammar: docs/quantization.md)")
+    p.add_argument("--sensitivity", default="", help="comma-separated quant configs whose penalty is also measured "
+                   "one tensor group at a time (each block's weights and activations, the embeddings, the head)")
     p.add_argument("--json", required=True, help="where to write the results")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--tokenizer", choices=["auto", "char", "byte", "gpt2"],
@@ -340,7 +351,9 @@ def _add_study(verb) -> None:
     p.add_argument("--data", help="data source (default: the study preset's)")
     p.add_argument("--device", help="cpu, cuda, mps or auto (default: the study preset's)")
     p.add_argument("--quant", help="comma-separated quantization sweep (default: the preset's, e.g. "
-                   "w8a8,w6a8,w4a8; '' for none)")
+                   "w8a8,w6a8,w4a8; '' for none; the grammar: docs/quantization.md)")
+    p.add_argument("--sensitivity", help="comma-separated quant configs whose penalty is also measured one tensor "
+                   "group at a time (default: the preset's; '' for none)")
     p.add_argument("--jobs", type=int,
                    help="runs at a time: a local process pool (CPU threads split between runs, one GPU per run "
                         "when there are several); default: one per CPU core on CPU, one per GPU on CUDA; "
@@ -360,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quietgpt", formatter_class=_HelpFormatter,
         description="Train GPTs whose attention normaliser is a choice (softmax, softmax1, ...), measure their "
-                    "outliers and 8-bit quantized perplexity, and compare them in a study with an honest report.")
+                    "outliers and what quantization (any bit width, practitioners' methods) costs them, and compare "
+                    "them in a study with paired statistics and an honest report.")
     parser.add_argument("--version", action="version", version=f"quietgpt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (shows attention paths)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -431,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         detail = " ".join(str(e).split())  # the study says how many runs finished and how to resume
         print(f"quietgpt {args.verb}: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        # the reader closed the pipe: say nothing more, and keep Python's exit-time flush from failing again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun the process group is already destroyed and every file is written and synced;
         # the C++ static destructors of gloo's threads can still abort a rank at interpreter shutdown

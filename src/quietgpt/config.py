@@ -327,6 +327,7 @@ class StudyConfig:
     calib_batches: int = 8  # training batches that calibrate activation quantization ranges
     eval_tokens: int = 0  # perplexity on the first eval_tokens validation tokens; 0 = the whole split
     optimizers: tuple[str, ...] = ()  # crossed with the variants (arms "variant+optimizer"); () = train.optimizer
+    sensitivity: tuple[str, ...] = ()  # quant configs whose penalty is also measured one tensor group at a time
 
     @classmethod
     def from_dict(cls, table: dict, where: str = "[study]") -> StudyConfig:
@@ -340,7 +341,7 @@ class StudyConfig:
                 hint = f" (did you mean study.{close[0]}?)" if close else ""
                 raise ConfigError(f"unknown key study.{key}{hint} in {where}; known study keys: "
                                   f"{', '.join(sorted(known))}")
-            if key in ("variants", "quant", "optimizers"):
+            if key in ("variants", "quant", "optimizers", "sensitivity"):
                 items = value.split(",") if isinstance(value, str) else value
                 if not isinstance(items, list | tuple) or not all(isinstance(x, str) for x in items):
                     raise ConfigError(f"study.{key} expects a list of names, got {value!r}")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from quietgpt.measurement.moments import Moments
-from quietgpt.nn.model import GPT, SITES
+from quietgpt.nn.model import GPT, SITES, is_block_matmul
 
 Tensor = torch.Tensor
 
@@ -23,16 +23,27 @@ Tensor = torch.Tensor
 
 
 def weight_kind(name: str) -> str:
-    """embedding | layernorm | bias | sink | linear, from a GPT parameter name."""
+    """embedding | head | layernorm | bias | sink | kvbias | gate | linear, from a GPT parameter name ("head":
+    lm_head's weight, listed only when it is not tied to wte). "linear" is
+    exactly a block's matmul weights (model.BLOCK_MATMULS), the tensors weights_by_layer pools, so the pool
+    holds the same tensors in every variant."""
     if ".wte." in f".{name}" or ".wpe." in f".{name}":
         return "embedding"
+    if name == "lm_head.weight":
+        return "head"
     if ".ln_" in f".{name}":
         return "layernorm"
     if name.endswith("sink_logit"):
         return "sink"
+    if name.endswith((".core.k_bias", ".core.v_bias")):
+        return "kvbias"
+    if ".attn.gate." in name and not name.endswith(".bias"):
+        return "gate"
     if name.endswith(".bias"):
         return "bias"
-    return "linear"
+    if is_block_matmul(name):
+        return "linear"
+    raise ValueError(f"weight_kind: no kind for parameter {name!r}; add it here")
 
 
 def _layer_of(name: str) -> int:

@@ -19,6 +19,7 @@ numbers are). This module puts them together into one Measurement.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -33,8 +34,17 @@ import torch
 from quietgpt.errors import QuietError
 from quietgpt.interop.hf_import import load_hf_gpt2
 from quietgpt.measurement.collectors import StatsCollector, weight_stats
-from quietgpt.measurement.perplexity import calibration_batches, eval_windows, nll_pass, ppl_of
+from quietgpt.measurement.perplexity import (
+    Fidelity,
+    batch_sizes,
+    calibration_batches,
+    fidelity_pass,
+    nll_pass,
+    observed_windows,
+    ppl_of,
+)
 from quietgpt.measurement.registry import ACTIVATIONS, eval_summary
+from quietgpt.measurement.sensitivity import group_penalties
 from quietgpt.nn.model import GPT
 from quietgpt.quant.dynamic import check_dynamic, int8_dynamic
 from quietgpt.quant.simulated import quantized
@@ -67,6 +77,14 @@ class Measurement:
     wall_s: float
     eval_tokens: int | None = None  # perplexity on the first eval_tokens validation tokens (None: all)
     extra: dict[str, Any] = field(default_factory=dict)
+    observed: list[int] = field(default_factory=list)  # start offsets of the windows the statistics read
+    # per quant config, against the float model on the same tokens: mean KL(P_fp || P_q) in nats/token, and the
+    # share of tokens whose top-1 prediction is the float model's (llama.cpp's KL-divergence report)
+    kl: dict[str, float] = field(default_factory=dict)
+    top1_agreement: dict[str, float] = field(default_factory=dict)
+    # per config asked for: each quantization group's perplexity ratio with only it quantized, and "all"
+    # (measurement/sensitivity.py)
+    sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
     # each paper's own statistic, per layer or module (collectors._PaperStats; README "Measurement")
     sinks: list[dict] = field(default_factory=list)  # Gu et al.'s sink rate, Kaul et al.'s argmax share
     massive: list[dict] = field(default_factory=list)  # Sun et al.'s massive activations (block output)
@@ -109,7 +127,8 @@ def _summary(ev: dict, quant: Sequence[str], eval_tokens: int | None) -> dict:
 def measure(model: GPT, dataset, *, quant: Sequence[str] | str = ("w8a8",), n_sequences: int = 64,
             calib_batches: int = 16, seed: int = 0, device: str | torch.device = "cpu",
             batch_size: int = 16, calib_batch_size: int = 8, block_size: int | None = None, top_k: int = 5,
-            checkpoint: str | None = None, data: str | None = None, eval_tokens: int | None = None) -> Measurement:
+            checkpoint: str | None = None, data: str | None = None, eval_tokens: int | None = None,
+            sensitivity: Sequence[str] | str = ()) -> Measurement:
     """Measure `model` on `dataset` (anything with 1-D integer arrays .train and .val and .vocab_size).
 
     Float perplexity over the whole validation split (or its first `eval_tokens` tokens) in
@@ -118,11 +137,18 @@ def measure(model: GPT, dataset, *, quant: Sequence[str] | str = ("w8a8",), n_se
     config (see quant.parse_quant), perplexity of the fake-quantized model calibrated on `calib_batches`
     seeded batches of the training split; "int8-dynamic" runs PyTorch's int8 kernels on a quantized copy (CPU
     only: a QuietError before any work on another device). `timings` holds each config's pass in seconds
-    ("<name>_s"; for int8-dynamic also "<name>_convert_s", the quantize_dynamic call). The model is left as it
-    was (weights restored, hooks removed, train/eval mode kept).
+    ("<name>_s"; for int8-dynamic also "<name>_convert_s", the quantize_dynamic call). `sensitivity`: simulated
+    configs whose penalty is also measured one quantization group at a time (measurement/sensitivity.py; its
+    wall time is "sensitivity_s"). The model is left as it
+    was (weights restored, hooks removed, train/eval mode kept, on its own device: on another `device` a copy is
+    measured).
     """
     t_start = time.perf_counter()
     configs = parse_quant_list(quant)
+    sens = parse_quant_list(sensitivity)
+    dynamic = [c.name for c in sens if c.kind != "simulated"]
+    if dynamic:
+        raise QuietError(f"sensitivity needs a simulated quant config, not {dynamic[0]}; name a w<bits>a<bits> one")
     for cfg in configs:
         if cfg.kind == "dynamic":
             check_dynamic(cfg, device)
@@ -143,67 +169,81 @@ def measure(model: GPT, dataset, *, quant: Sequence[str] | str = ("w8a8",), n_se
                          f"{model.config.vocab_size}; evaluate on data prepared with the model's tokenizer")
     if n_sequences < 1:
         raise QuietError(f"n_sequences must be >= 1, got {n_sequences}")
-    model = model.to(device)
+    device = torch.device(device)
+    if not _on(model, device):
+        model = copy.deepcopy(model).to(device)  # the caller's model stays where it is
     was_training = model.training
     model.eval()
     try:
-        windows = eval_windows(len(val), T)
-        full = [i for i, (_, n) in enumerate(windows) if n == T] or list(range(len(windows)))
-        rng = np.random.default_rng(seed)
-        sample = set(rng.choice(full, size=min(n_sequences, len(full)), replace=False).tolist())
-        # keep one batch's (B, T, vocab) logits and, on the reference path, (B, H, T, T) probabilities modest
-        batch_size = max(1, min(batch_size, 2**27 // (T * model.config.vocab_size)))
-        obs_batch = max(1, min(batch_size, 2**24 // (model.config.n_head * T * T)))
+        windows, observed = observed_windows(len(val), T, n_sequences, seed)
+        sample = set(observed)
+        sizes = batch_sizes(T, model.config.vocab_size, model.config.n_head, batch=batch_size, calib=calib_batch_size)
         collector = StatsCollector(top_k)
         timings = {}
         t0 = time.perf_counter()
-        nll, ntok = nll_pass(model, val, windows, batch_size=batch_size, device=device, observed=sample,
-                             collector=collector, observe_batch=obs_batch)
+        nll, ntok = nll_pass(model, val, windows, batch_size=sizes.plain, device=device, observed=sample,
+                             collector=collector, observe_batch=sizes.observed)
         timings["fp_and_stats_s"] = time.perf_counter() - t0
         perplexity: dict[str, float | int] = {"fp": ppl_of(nll, ntok), "tokens": ntok}
         loss = {"fp": nll / ntok}
         t0 = time.perf_counter()
         weights, by_layer = weight_stats(model)
         timings["weights_s"] = time.perf_counter() - t0
-        calib_batch_size = max(1, min(calib_batch_size, 2**27 // (T * model.config.vocab_size)))
-        calib = (calibration_batches(dataset.train, calib_batches, calib_batch_size, T, seed, device)
-                 if any(c.kind == "simulated" for c in configs) else [])
+        calib = (calibration_batches(dataset.train, calib_batches, sizes.calib, T, seed, device)
+                 if any(c.kind == "simulated" for c in [*configs, *sens]) else [])
         timings["calib_s"] = 0.0
+        kl, top1 = {}, {}
         for cfg in configs:
-            nll_q = _quantized_nll(model, cfg, calib, val, windows, batch_size, device, timings)
-            perplexity[cfg.name] = ppl_of(nll_q, ntok)
-            loss[cfg.name] = nll_q / ntok
+            fid = _quantized_pass(model, cfg, calib, val, windows, sizes.plain, device, timings)
+            perplexity[cfg.name] = ppl_of(fid.nll, ntok)
+            loss[cfg.name] = fid.nll / ntok
+            kl[cfg.name], top1[cfg.name] = fid.kl / fid.tokens, fid.top1_same / fid.tokens
+        t0 = time.perf_counter()
+        by_group = {c.name: group_penalties(model, c, calib, val, windows, perplexity["fp"], batch_size=sizes.plain,
+                                            device=device) for c in sens}
+        if sens:
+            timings["sensitivity_s"] = time.perf_counter() - t0
         activations, attention, papers = collector.activation_rows(), collector.attention_rows(), collector.papers()
-        ev = dict(weights=weights, activations=activations, attention=attention, perplexity=perplexity, **papers)
+        ev = dict(weights=weights, activations=activations, attention=attention, perplexity=perplexity, kl=kl,
+                  top1_agreement=top1, **papers)
         summary = _summary(ev, [c.name for c in configs], eval_tokens)
         return Measurement(
             weights=weights, weights_by_layer=by_layer, activations=activations, attention=attention,
-            perplexity=perplexity, loss=loss, summary=summary,
+            perplexity=perplexity, loss=loss, kl=kl, top1_agreement=top1, sensitivity=by_group, summary=summary,
             quant={c.name: c.to_dict() for c in configs}, model=model.config.to_dict(), checkpoint=checkpoint,
             data=data, n_sequences=len(sample), block_size=T, seed=seed, calib_batches=calib_batches,
+            observed=[windows[i][0] for i in observed],
             timings=timings, wall_s=time.perf_counter() - t_start, eval_tokens=eval_tokens, **papers,
         )
     finally:
         model.train(was_training)
 
 
-def _quantized_nll(model: GPT, cfg: QuantConfig, calib: list[Tensor], val, windows, batch_size: int, device,
-                   timings: dict[str, float]) -> float:
-    """The NLL sum of `cfg`'s quantized model over `windows` of `val`; its wall times go into `timings`."""
+def _on(model: GPT, device: torch.device) -> bool:
+    """Are all of model's parameters on `device` ("cuda" counts as the current CUDA device)?"""
+    def index(d: torch.device) -> int:
+        return d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)
+    return all(p.device.type == device.type and index(p.device) == index(device) for p in model.parameters())
+
+
+def _quantized_pass(model: GPT, cfg: QuantConfig, calib: list[Tensor], val, windows, batch_size: int, device,
+                    timings: dict[str, float]) -> Fidelity:
+    """`cfg`'s quantized model over `windows` of `val`, side by side with `model` (fidelity_pass); its wall times
+    go into `timings` (the float model's share of the pass included)."""
     t0 = time.perf_counter()
     if cfg.kind == "dynamic":  # PyTorch's int8 kernels on a copy (check_dynamic ran: the device is the CPU)
         qmodel = int8_dynamic(model)
         t1 = time.perf_counter()
         timings[f"{cfg.name}_convert_s"] = t1 - t0
-        nll_q, _ = nll_pass(qmodel, val, windows, batch_size=batch_size, device="cpu")
+        fid = fidelity_pass(model, qmodel, val, windows, batch_size=batch_size, device=device, q_device="cpu")
         del qmodel
     else:
-        with quantized(model, cfg, calib):
+        with quantized(model, cfg, calib) as q:
             t1 = time.perf_counter()
             timings["calib_s"] += t1 - t0
-            nll_q, _ = nll_pass(model, val, windows, batch_size=batch_size, device=device)
+            fid = fidelity_pass(model, q.model, val, windows, batch_size=batch_size, device=device)
     timings[f"{cfg.name}_s"] = time.perf_counter() - t1
-    return nll_q
+    return fid
 
 
 def evaluate_checkpoint(ckpt_dir: str | Path, *, data: str | None = None, quant: Sequence[str] | str = ("w8a8",),

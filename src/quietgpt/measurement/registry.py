@@ -24,16 +24,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quietgpt.nn.model import is_block_matmul
+
 # ----------------------------------------------------------------------------- what a metric reads
 
 
 def is_block_weight(entry: dict) -> bool:
-    """The weights that enter weight_kurtosis_*: the four matmul weights of every block (attn.c_attn,
-    attn.c_proj, mlp.c_fc, mlp.c_proj). Gate weights are left out on purpose: only gated variants have
-    them, and a paired comparison must read the same tensors in every variant."""
-    name = str(entry.get("name", ""))
-    return int(entry.get("layer", -1)) >= 0 and name.endswith(
-        ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))
+    """The weights that enter weight_kurtosis_*: the four matmul weights of every block (model.BLOCK_MATMULS:
+    attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj). Gate weights are left out on purpose: only gated variants
+    have them, and a paired comparison must read the same tensors in every variant."""
+    return is_block_matmul(str(entry.get("name", "")))
 
 
 ACT_SITES = ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out")  # every site but attn_probs
@@ -131,6 +131,7 @@ class Metric:
 
 BONDARENKO = "Bondarenko et al. 2023, Quantizable Transformers (outlier-free-transformers)"
 NANOGPT = "karpathy/nanoGPT train.py"
+LLAMACPP = "llama.cpp's perplexity --kl-divergence (mean KLD, same top p)"
 GU = "Gu et al. ICLR 2025, When Attention Sink Emerges in Language Models (sail-sg/Attention-Sink)"
 KAUL = "Kaul et al. ICLR 2025, From Attention to Activation: Unravelling the Enigmas of LLMs"
 SUN = "Sun et al. 2024, Massive Activations in Large Language Models (locuslab/massive-activations)"
@@ -142,6 +143,20 @@ SOFTPICK = ("Zuhri, Fuadi & Aji 2025, Softpick: No Attention Sink, No Massive Ac
 def _ppl_scope(eval_tokens: int | None) -> str:
     return (f"the first {eval_tokens:,} tokens of the validation split" if eval_tokens
             else "the whole validation split")
+
+
+def _embedding_metrics() -> list[Metric]:
+    """The position embedding's and the tied token embedding / lm_head's kurtosis and max |w|: tensors every
+    grid that quantizes the embeddings and head rounds, but not in the block-weight metrics."""
+    out = []
+    for key, name, what in (("wpe", "transformer.wpe.weight", "the position embedding"),
+                            ("wte", "transformer.wte.weight", "the token embedding (tied to lm_head)")):
+        sel = Selection("weights", f"{what} ({name})", lambda e, name=name: e.get("name") == name)
+        out += [Metric(f"{key}_kurtosis", f"{key} kurtosis", "kurtosis", f"Pearson kurtosis of {what}'s values",
+                       BONDARENKO, "eval", select=sel, field="kurtosis", reduce=MAX),
+                Metric(f"{key}_max_abs", f"{key} max |w|", "absolute value", f"largest |w| of {what}", BONDARENKO,
+                       "eval", select=sel, field="max_abs", reduce=MAX)]
+    return out
 
 
 def _quant_metrics(quant: Sequence[str]) -> list[Metric]:
@@ -157,13 +172,16 @@ def _quant_metrics(quant: Sequence[str]) -> list[Metric]:
             return pq / fp if fp and pq else None
         return read
 
+    def section(name: str, q: str) -> Callable[[dict, dict], float | None]:
+        return lambda ev, s: (ev.get(name) or {}).get(q)
+
     def how(q: str) -> tuple[str, str]:  # (what the perplexity is of, whose protocol)
         if q == "int8-dynamic":  # quant.int8_dynamic: real kernels, not the simulated grid
             return ("with PyTorch's dynamic int8 linear kernels (quantize_dynamic on every nn.Linear, lm_head "
                     "included: int8 weights, activations quantized per forward call; attention and residuals "
                     "float)", "PyTorch quantize_dynamic, as in the llama2.c softmax1 experiment")
-        return (f"with simulated {q} quantization of weights and activations (quant.py; activation ranges "
-                "calibrated on training batches)", BONDARENKO)
+        return (f"with simulated {q} quantization (quant/, docs/quantization.md; activation ranges calibrated on "
+                "training batches)", BONDARENKO)
 
     return [*(Metric(f"ppl_{q}", f"perplexity ({q})", "perplexity", f"perplexity {how(q)[0]}, on the same tokens "
                      "as the FP perplexity", how(q)[1], "eval", read=ppl(q), headline=i == 0)
@@ -171,7 +189,13 @@ def _quant_metrics(quant: Sequence[str]) -> list[Metric]:
             *(Metric(f"ppl_ratio_{q}", f"{q} / FP perplexity", "ratio", f"ppl_{q} / ppl: the quantization "
                      "penalty (1 = none)", how(q)[1], "eval", read=ratio(q), headline=i == 0,
                      trajectory=True)
-              for i, q in enumerate(quant))]
+              for i, q in enumerate(quant)),
+            *(Metric(f"kl_{q}", f"KL from FP ({q})", "nats/token", f"mean over the perplexity's tokens of KL(P_fp || "
+                     f"P_q), the next-token distributions of the float model and of it {how(q)[0]}", LLAMACPP,
+                     "eval", read=section("kl", q)) for q in quant),
+            *(Metric(f"top1_{q}", f"top-1 agreement ({q})", "share", "share of the perplexity's tokens whose most "
+                     f"likely next token is the float model's, {how(q)[0]}", LLAMACPP, "eval",
+                     higher_is_worse=False, read=section("top1_agreement", q)) for q in quant)]
 
 
 def _paper_metrics() -> list[Metric]:
@@ -249,7 +273,8 @@ def catalogue(quant: Sequence[str] = ("w8a8",), eval_tokens: int | None = None) 
         Metric("weight_kurtosis_max", "weight kurtosis max", "kurtosis", f"max of {w}", BONDARENKO, "eval",
                select=BLOCK_WEIGHTS, field="kurtosis", reduce=MAX, headline=True, trajectory=True),
         Metric("weight_max_abs", "weight max |w|", "absolute value", "largest |w| over " + BLOCK_WEIGHTS.text,
-               BONDARENKO, "eval", select=BLOCK_WEIGHTS, field="max_abs", reduce=MAX, study=False),
+               BONDARENKO, "eval", select=BLOCK_WEIGHTS, field="max_abs", reduce=MAX),
+        *_embedding_metrics(),
         Metric("act_inf_norm_max", "activation inf-norm max", "absolute value",
                "largest |activation| over " + ACTIVATIONS.text, BONDARENKO, "eval", select=ACTIVATIONS,
                field="inf_norm_max", reduce=MAX, headline=True, trajectory=True),

@@ -30,8 +30,9 @@ dropout) it is SDPA over [k'; keys] itself, column 0 visible to every query (Sun
 the CPU also up to KV_PREFIX_MAX_T_CPU queries, where that measured faster (`kv_bias_path` picks).
 
 A kernel is a class with `name`, `supports(q)`, `forward(q, k, v, is_causal, scale) -> (out, lse (B,H,T)
-fp32, aux)` and `backward(grad, q, k, v, out, lse, aux, is_causal, scale) -> (dq, dk, dv)`. Imports flow
-softmax <- kernels <- attention: this module knows nothing of variants or options.
+fp32, aux)` and `backward(grad, q, k, v, out, lse, aux, is_causal, scale) -> (dq, dk, dv)`. This module
+imports nothing of quietgpt (only torch): variants.py builds each variant's fast path on it, and it knows
+nothing of variants or options.
 """
 
 from __future__ import annotations

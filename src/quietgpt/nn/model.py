@@ -46,14 +46,24 @@ from quietgpt.nn.gates import GATE_MODES, HeadGate, OutputGate
 from quietgpt.nn.kernels import CUDA_KERNELS
 from quietgpt.nn.options import PATHS, AttentionOptions
 from quietgpt.nn.softmax import check_clip_params
-from quietgpt.nn.variants import VARIANTS
+from quietgpt.nn.variants import VARIANT_FIELDS, VARIANTS
 
 Tensor = torch.Tensor
 SITES = ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out", "attn_probs", "ln1_out", "ln2_out",
          "lnf_out", "attn_gate")
-# GPTConfig fields that belong to one variant: on any other they must keep their defaults
-VARIANT_FIELDS = {"softmax_n": "softmax_n", "clip_gamma": "clipped", "clip_zeta": "clipped", "gate_init": "gated",
-                  "sink_init": "sink", "gate_mode": "outgate", "sigmoid_bias": "sigmoid"}
+# Every block's matmul weights (nn.Linear, y = x W^T), by their module name inside the block: the one
+# definition of "the block's weights" for the weight-kurtosis metrics (measurement/registry.py), the per-layer
+# pool of eval.json's weights_by_layer (measurement/collectors.py) and Muon's parameters (training/optim.py).
+BLOCK_MATMULS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def is_block_matmul(name: str) -> bool:
+    """Is a GPT parameter name ("transformer.h.3.mlp.c_fc.weight") one of a block's BLOCK_MATMULS weights?"""
+    parts = name.split(".")
+    return (len(parts) == 6 and parts[:2] == ["transformer", "h"] and parts[2].isdigit() and parts[5] == "weight"
+            and f"{parts[3]}.{parts[4]}" in BLOCK_MATMULS)
+
+
 
 
 @dataclass

@@ -18,9 +18,10 @@ option checks, its null logit and which AttentionOptions fields are its own. Add
 one entry here (its formula in softmax.py and, if it has a fused form of its own, that in kernels.py);
 attention.py runs them.
 
-"Unassigned mass" (1 - the row sum of the T x T weights, what measurement reports for NULL_VARIANTS)
-means what a head put on nothing for softmax1, softmax_n, sink and kvbias (kvbias: the weight on k'),
-and the rows' shortfall for softpick. Sigmoid rows are not normalised: 1 - row sum is reported as it
+"Unassigned mass" (1 - the row sum of the T x T weights, measured for every variant; NULL_VARIANTS are
+those whose rows need not sum to 1) means what a head put on nothing for softmax1, softmax_n, sink and
+kvbias (kvbias: the weight on k'), the rows' shortfall for softpick, and for clipped what the clip took
+(negative where zeta > 1 pushed a row above 1). Sigmoid rows are not normalised: 1 - row sum is reported as it
 is, negative when a row sums to more than 1 (over-assigned), so there it measures the distance from a
 distribution, not abstention.
 """
@@ -85,6 +86,8 @@ class Variant:
     check       check(opts) raises ConfigError for options this variant cannot run, or None
     param       param(opts, Tk) -> the per-call constant its weights take (sigmoid's b, softpick's eps), or None
     options     the AttentionOptions fields that belong to it: another variant must leave them at default
+    config_fields  the GPTConfig fields that belong to it (model.softmax_n, model.gate_mode, ...); the one
+                table of ownership: VARIANT_FIELDS and OPTION_OWNERS below are read off these entries
     unassigned  its rows need not sum to 1, so measurement reports 1 - row sum (NULL_VARIANTS)
     fast_dropout  its fast path supports attention dropout (else dropout runs the reference path)
     """
@@ -96,6 +99,7 @@ class Variant:
     check: Callable[[VariantOptions], None] | None = None
     param: Callable[[VariantOptions, int], float] | None = None
     options: tuple[str, ...] = ()
+    config_fields: tuple[str, ...] = ()
     unassigned: bool = False
     fast_dropout: bool = True
 
@@ -163,17 +167,24 @@ VARIANT_SPECS: dict[str, Variant] = {
     "softmax": Variant(_softmax_weights, SDPA),
     "softmax1": Variant(_null_weights, NULL_LOGIT, null_logit=lambda n, sink_logit: 0.0, unassigned=True),
     "softmax_n": Variant(_null_weights, NULL_LOGIT, null_logit=lambda n, sink_logit: log_n_of(n),
-                         check=lambda o: log_n_of(o.n), options=("n",), unassigned=True),  # log_n_of raises on bad n
-    "sink": Variant(_null_weights, NULL_LOGIT, null_logit=_sink_logit, options=("sink_init",), unassigned=True),
+                         check=lambda o: log_n_of(o.n), options=("n",), config_fields=("softmax_n",),
+                         unassigned=True),  # log_n_of raises on bad n
+    "sink": Variant(_null_weights, NULL_LOGIT, null_logit=_sink_logit, options=("sink_init",),
+                    config_fields=("sink_init",), unassigned=True),
+    # the clip zeroes small weights and caps large ones, so a row's sum is not 1 (it may exceed 1 when zeta > 1)
     "clipped": Variant(_clipped_weights, None, no_fast="clipped softmax has no fused form",
-                       check=lambda o: check_clip_params(o.gamma, o.zeta), options=("gamma", "zeta")),
-    "gated": Variant(_softmax_weights, SDPA),  # the model multiplies each head's output by its gate
+                       check=lambda o: check_clip_params(o.gamma, o.zeta), options=("gamma", "zeta"),
+                       config_fields=("clip_gamma", "clip_zeta"), unassigned=True),
+    "gated": Variant(_softmax_weights, SDPA, config_fields=("gate_init",)),  # the model multiplies each head's
+    # output by its gate
     "softpick": Variant(_softpick_weights, FastPath(_chunked_choose, _chunked_run("softpick")),
                         param=lambda o, Tk: SOFTPICK_EPS, unassigned=True, fast_dropout=False),
-    "outgate": Variant(_softmax_weights, SDPA),  # the model multiplies each head's output by its G1 gate
+    "outgate": Variant(_softmax_weights, SDPA, config_fields=("gate_mode",)),  # the model multiplies each
+    # head's output by its G1 gate
     "sigmoid": Variant(_sigmoid_weights, FastPath(_chunked_choose, _chunked_run("sigmoid")),
                        param=lambda o, Tk: sigmoid_bias(Tk, o.sigmoid_bias), check=_check_sigmoid,
-                       options=("sigmoid_bias",), unassigned=True, fast_dropout=False),
+                       options=("sigmoid_bias",), config_fields=("sigmoid_bias",), unassigned=True,
+                       fast_dropout=False),
     "kvbias": Variant(_null_weights, KV_BIAS, unassigned=True),  # its null logit q.k' is computed per query
 }
 VARIANTS = tuple(VARIANT_SPECS)
@@ -181,6 +192,7 @@ NULL_VARIANTS = tuple(v for v, s in VARIANT_SPECS.items() if s.unassigned)  # re
 LSE_VARIANTS = tuple(v for v, s in VARIANT_SPECS.items()
                      if s.fast is not None and s.fast.choose in (null_path, kv_bias_path))
 OPTION_OWNERS = {f: v for v, s in VARIANT_SPECS.items() for f in s.options}  # AttentionOptions field -> variant
+VARIANT_FIELDS = {f: v for v, s in VARIANT_SPECS.items() for f in s.config_fields}  # GPTConfig field -> variant
 
 
 def check_variant(variant: str) -> None:

@@ -41,28 +41,65 @@ def asymmetric_params(xmin: float, xmax: float, bits: int) -> tuple[float, int]:
     return scale, zero_point
 
 
-def quantize_weight(w: Tensor, bits: int, *, per_channel: bool = False, method: str = "minmax") -> Tensor:
-    """Symmetric fake-quantized copy of a weight (out, in), per tensor or per output row.
-
-    method "minmax" covers max |w|; "mse" picks the clipping threshold among 100 fractions
-    (0.01..1) of max |w| that minimises the squared error (per row when per_channel)."""
+def row_scales(rows: Tensor, bits: int, method: str = "minmax") -> Tensor:
+    """The symmetric scale of each row of `rows` (R, n) -> (R, 1): max |row| / (2^(b-1) - 1) for "minmax";
+    for "mse" the clipping threshold among 100 fractions (0.01..1) of max |row| whose grid has the smallest
+    squared error on that row (ties keep the larger threshold)."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    wf = w.detach().float()
-    rows = wf.reshape(wf.shape[0], -1) if per_channel else wf.reshape(1, -1)
-    absmax = rows.abs().amax(dim=1, keepdim=True)  # (R, 1)
+    absmax = rows.abs().amax(dim=1, keepdim=True)
     if method == "minmax":
-        best = absmax
-    elif method == "mse":
-        best, best_err = absmax, torch.full_like(absmax, math.inf)
-        for frac in torch.linspace(0.01, 1.0, 100).tolist():
-            cand = absmax * frac
-            err = (fake_quant(rows, symmetric_scale(cand, bits), 0.0, qmin, qmax) - rows).pow(2).sum(1, keepdim=True)
-            better = err < best_err
-            best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
-    else:
+        return symmetric_scale(absmax, bits)
+    if method != "mse":
         raise QuietError(f"unknown weight range method {method!r}; use minmax or mse")
-    out = fake_quant(rows, symmetric_scale(best, bits), 0.0, qmin, qmax)
+    best, best_err = absmax, torch.full_like(absmax, math.inf)
+    for frac in torch.linspace(0.01, 1.0, 100).tolist():
+        cand = absmax * frac
+        err = (fake_quant(rows, symmetric_scale(cand, bits), 0.0, qmin, qmax) - rows).pow(2).sum(1, keepdim=True)
+        better = err < best_err
+        best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
+    return symmetric_scale(best, bits)
+
+
+def quantize_weight(w: Tensor, bits: int, *, granularity: str = "tensor", group_size: int | None = None,
+                    method: str = "minmax", per_channel: bool | None = None) -> Tensor:
+    """Symmetric round-to-nearest fake-quantized copy of a weight (out, in) (any shape: rows are dim 0):
+    one scale per tensor, per output row ("channel"), or per group of `group_size` consecutive input columns
+    of each row ("group"; a last group may be shorter). `per_channel=True` is granularity "channel".
+    Computed in float64 for float64 weights, else float32; returned in w's dtype."""
+    granularity = "channel" if per_channel else granularity
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    wf = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    mat = wf.reshape(wf.shape[0], -1)
+    if granularity == "tensor":
+        rows = mat.reshape(1, -1)
+    elif granularity == "channel":
+        rows = mat
+    elif granularity == "group":
+        g = int(group_size or 0)
+        if g < 1:
+            raise QuietError(f"per-group quantization needs a group size >= 1, got {group_size!r}")
+        if mat.shape[1] % g:  # uneven: the last group of each row is shorter
+            out = torch.cat([quantize_weight(mat[:, j:j + g], bits, granularity="channel", method=method)
+                             for j in range(0, mat.shape[1], g)], dim=1)
+            return out.reshape(w.shape).to(w.dtype)
+        rows = mat.reshape(-1, g)
+    else:
+        raise QuietError(f"unknown weight granularity {granularity!r}; use tensor, channel or group")
+    out = fake_quant(rows, row_scales(rows, bits, method), 0.0, qmin, qmax)
     return out.reshape(w.shape).to(w.dtype)
+
+
+def quantize_per_vector(x: Tensor, bits: int) -> Tensor:
+    """Asymmetric min-max fake quantization of every vector along x's last dim on its own (a KV cache's grid:
+    one scale and zero point per head and token): scale = (max - min) / (2^b - 1), zero = round(-min / scale),
+    q = clamp(round(x / scale) + zero, 0, 2^b - 1). A constant vector is returned as it is."""
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    lo, hi = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp(min=1e-12)
+    zero = torch.round(-lo / scale)
+    out = (torch.clamp(torch.round(xf / scale) + zero, 0, qmax) - zero) * scale
+    return torch.where(hi > lo, out, xf).to(x.dtype)
 
 
 class ActQuantizer:

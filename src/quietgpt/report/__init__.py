@@ -47,6 +47,7 @@ from quietgpt.report.plots import (
     plot_unassigned_mass,
     plot_weight_kurtosis,
 )
+from quietgpt.report.quantization import predictors_section, sensitivity_section
 from quietgpt.report.trajectories import insert_section, trajectory_section
 from quietgpt.stats import fmt
 from quietgpt.utils.atomic import atomic_write_text
@@ -167,6 +168,7 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
         stale.unlink(missing_ok=True)  # plots/ holds this report's figures only (not an older layout's)
     blocks = build_document(results, plots, forest)
     section = trajectory_section(results, data, plot_dir)  # writes plots/trajectories.png when it has data
+    section += sensitivity_section(results, plot_dir) + predictors_section(results)  # plots/sensitivity_*.png
     blocks = insert_section(blocks, section)
     at = 1 if forest else 0  # the section sits after the forest plot and before the folded figures
     shown[at:at] = [(b[1], b[2]) for b in section if b[0] == "img"]

@@ -6,7 +6,7 @@ and the answer:
 * zero by construction: softmax and gated attention put all of every row's weight on keys, so their
   unassigned mass is 0 up to float rounding (1 - a float32 row sum: ~1e-9). It prints as 0, not
   -2.74e-11. The registry does not mark this yet, so it is decided here from the variant
-  (attention.NULL_VARIANTS and clipped can leave mass; every other known variant cannot) and, for any
+  (nn/variants.py's NULL_VARIANTS can leave mass; every other known variant cannot) and, for any
   variant, from values below ZERO_TOL in absolute value.
 * quantization penalties: ppl_q / ppl_fp is 1.0001 or so; printed as a ratio it rounds to `1 [0.999, 1]`.
   It prints as the penalty in percent, (ratio - 1) * 100, with enough digits to tell the ends apart,
@@ -23,8 +23,7 @@ from quietgpt.nn.variants import NULL_VARIANTS, VARIANTS
 from quietgpt.stats import crosses_floor, fmt, fmt_interval, fmt_signed
 
 MASS_METRIC = "unassigned_mass_mean"
-# softmax1 / softmax_n / sink divide by n + sum; clipped clips rows, which changes their sums.
-CAN_LEAVE_MASS = (*NULL_VARIANTS, "clipped")
+CAN_LEAVE_MASS = NULL_VARIANTS  # their rows need not sum to 1 (nn/variants.py says why for each)
 CANNOT_LEAVE_MASS = tuple(v for v in VARIANTS if v not in CAN_LEAVE_MASS)  # softmax, gated
 ZERO_TOL = 1e-6  # float32 row sums of <= a few thousand probabilities are exact to ~1e-7
 CONSTRUCTION_TOL = 1e-4  # above this a "cannot leave mass" variant's value is shown as measured (a bug)

@@ -427,3 +427,30 @@ def plot_trajectories(data: list[dict], variants: Sequence[str], metrics: Sequen
     fig.tight_layout()
     _save(fig, out)
     return True
+
+
+def plot_sensitivity(arms: dict[str, dict[str, dict]], groups: Sequence[str], variants: Sequence[str], out: Path,
+                     title: str) -> bool:
+    """Heat map of each variant's (rows) mean penalty, in percent over FP, with one tensor group (columns)
+    quantized alone; the numbers written in the cells. False (nothing drawn) without data."""
+    rows = [v for v in variants if arms.get(v)]
+    if not rows or not groups:
+        return False
+    plt = _plt()
+    vals = np.array([[((arms[v].get(g) or {}).get("mean", np.nan) - 1.0) * 100 for g in groups] for v in rows])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) + 2), 0.55 * len(rows) + 2.2))
+    finite = vals[np.isfinite(vals)]
+    top = float(np.max(np.abs(finite))) if finite.size else 1.0
+    decimals = max(0, 1 - math.floor(math.log10(top))) if top > 0 else 1  # two significant digits at the top
+    im = ax.imshow(vals, cmap="Reds", vmin=0.0, vmax=max(top, 1e-6), aspect="auto")
+    ax.set_xticks(range(len(groups)), groups, rotation=70, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(len(rows)):
+        for j in range(len(groups)):
+            if np.isfinite(vals[i, j]):
+                ax.text(j, i, f"{vals[i, j]:.{decimals}f}", ha="center", va="center", fontsize=6,
+                        color="white" if vals[i, j] > 0.6 * top else "black")
+    fig.colorbar(im, ax=ax, label="penalty with only this group quantized (% perplexity over FP)")
+    ax.set_title(title, fontsize=9)
+    _save(fig, out)
+    return True

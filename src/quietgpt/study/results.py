@@ -25,8 +25,10 @@ import numpy as np
 
 from quietgpt.errors import QuietError
 from quietgpt.measurement.registry import Metric, auc_metrics, number, trajectory_metrics
+from quietgpt.quant.simulated import group_order
 from quietgpt.quant.spec import parse_quant_list
-from quietgpt.stats import compare, fmt, summarize
+from quietgpt.stats import compare, fmt, paired, summarize
+from quietgpt.study.predictors import PREDICTORS, TRAJECTORY_PREDICTORS, predictor_table, trajectory_table
 from quietgpt.study.run import failed_row, run_config_record, run_name
 from quietgpt.study.spec import StudySpec, same_record
 from quietgpt.utils.atomic import atomic_write_json, atomic_write_text
@@ -109,6 +111,14 @@ def collect(study_dir: str | Path, spec: StudySpec | None = None, extra_rows: di
     }
     if aucs:
         results["trajectories"] = trajectory_summary(spec, trajs)
+    if spec.sensitivity:
+        results["sensitivity"] = sensitivity_summary(study_dir, spec, rows)
+    penalties = [f"ppl_ratio_{q}" for q in spec.quant if f"ppl_ratio_{q}" in metrics]
+    if penalties:
+        results["predictors"] = {"order": [*PREDICTORS, *TRAJECTORY_PREDICTORS],
+                                 "runs": predictor_table(rows, penalties),
+                                 "trajectory": trajectory_table(trajs, [p for p in penalties if any(
+                                     p in t for t in trajs.values())])}
     atomic_write_json(study_dir / "results.json", results)
     atomic_write_text(study_dir / "results.csv", _csv(rows, list(metrics)))
     return results
@@ -122,6 +132,41 @@ def _csv(rows: Sequence[dict], metrics: Sequence[str]) -> str:
     for r in rows:
         w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
     return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- sensitivity
+
+
+def sensitivity_summary(study_dir: Path, spec: StudySpec, rows: Sequence[dict]) -> dict:
+    """results.json's "sensitivity": per config, the groups in order, each arm's mean penalty ratio per group
+    over its seeds, and each arm's paired difference to the baseline per group (mean and 95% t interval)."""
+    per_run: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("dir"):
+            ev = _read(study_dir / r["dir"] / "eval.json") or {}
+            per_run[(r["variant"], r["seed"])] = ev.get("sensitivity") or {}
+    out = {}
+    for q in spec.sensitivity:
+        groups = sorted({g for d in per_run.values() for g in d.get(q, {})}, key=group_order)
+        arms = {}
+        for arm in spec.arms:
+            vals = {g: [d[q][g] for (a, _), d in per_run.items() if a == arm and g in d.get(q, {})] for g in groups}
+            arms[arm] = {g: {"mean": float(np.mean(v)), "n": len(v)} for g, v in vals.items() if v}
+        diffs = {}
+        for arm in spec.arms:
+            if arm == spec.baseline_arm:
+                continue
+            by_g = {}
+            for g in groups:
+                a = {s: per_run[(arm, s)][q][g] for s in spec.seeds if g in per_run.get((arm, s), {}).get(q, {})}
+                b = {s: per_run[(spec.baseline_arm, s)][q][g] for s in spec.seeds
+                     if g in per_run.get((spec.baseline_arm, s), {}).get(q, {})}
+                st = paired(a, b)
+                if st["n"]:
+                    by_g[g] = {"diff": st["diff_mean"], "ci95": [st["ci95_low"], st["ci95_high"]], "n": st["n"]}
+            diffs[arm] = by_g
+        out[q] = {"groups": groups, "arms": arms, "diff": diffs}
+    return out
 
 
 # ----------------------------------------------------------------------------- trajectories
@@ -201,4 +246,4 @@ def trajectory_summary(spec: StudySpec, trajs: Mapping[tuple[str, int], Mapping]
             "quant": _trajectory_quant(spec), "calib_batches": t.outlier_calib_batches,
             "metrics": {k: m.describe() for k, m in metrics.items() if k in present},
             "order": [k for k in metrics if k in present],  # JSON objects are written with sorted keys
-            "emergence": [e for key, thr, words in EMERGENCE for e in emergence(trajs, spec.variants, key, thr, words)]}
+            "emergence": [e for key, thr, words in EMERGENCE for e in emergence(trajs, spec.arms, key, thr, words)]}

@@ -135,7 +135,7 @@ def _measure(spec: StudySpec, cfg, run_dir: Path) -> tuple[dict, np.ndarray]:
     # seed=0 for every run: all runs are measured on the same validation sequences and calibration batches
     ev = measure(model, dataset, quant=list(spec.quant), n_sequences=spec.n_sequences,
                  calib_batches=spec.calib_batches, seed=0, device=str(next(model.parameters()).device),
-                 eval_tokens=spec.eval_tokens).to_dict()
+                 eval_tokens=spec.eval_tokens, sensitivity=list(spec.sensitivity)).to_dict()
     return ev, attention_sample(model, dataset.val)
 
 

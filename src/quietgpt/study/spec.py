@@ -25,10 +25,11 @@ from quietgpt.config import (
 )
 from quietgpt.errors import ConfigError
 from quietgpt.measurement.registry import Metric, study_metrics
-from quietgpt.nn.model import VARIANT_FIELDS, GPTConfig
+from quietgpt.nn.model import GPTConfig
+from quietgpt.nn.variants import VARIANT_FIELDS
 from quietgpt.presets import read_toml, study_preset_names, study_preset_text, tomllib
 
-MEASURE_KEYS = ("quant", "n_sequences", "calib_batches", "eval_tokens")
+MEASURE_KEYS = ("quant", "n_sequences", "calib_batches", "eval_tokens", "sensitivity")
 COMPARED_KEYS = ("variants", "optimizers", "variant_options", "seeds", *MEASURE_KEYS, "run")  # change results
 PER_RUN_KEYS = ("model.attention", "train.seed", "train.out_dir")  # set by the study for each run
 
@@ -52,6 +53,7 @@ class StudySpec:
     optimizers: tuple[str, ...] = ()  # crossed with the variants; () = the run config's one optimizer
     # options that belong to one variant ("model.gate_mode": "headwise"): set on that variant's runs only
     variant_options: Mapping[str, str] = field(default_factory=dict)
+    sensitivity: tuple[str, ...] = ()  # quant configs also measured one tensor group at a time
 
     def __post_init__(self) -> None:
         check_baseline(self.baseline, self.variants)
@@ -88,7 +90,7 @@ class StudySpec:
 
     @property
     def measure_settings(self) -> dict:
-        return {k: list(getattr(self, k)) if k == "quant" else getattr(self, k) for k in MEASURE_KEYS}
+        return {k: list(getattr(self, k)) if k in ("quant", "sensitivity") else getattr(self, k) for k in MEASURE_KEYS}
 
     @property
     def device(self) -> str:
@@ -103,7 +105,8 @@ class StudySpec:
                 "n_sequences": self.n_sequences, "calib_batches": self.calib_batches,
                 "eval_tokens": self.eval_tokens, "overrides": dict(self.overrides), "run": run,
                 "baseline": self.baseline, "optimizers": list(self.optimizers), "arms": list(self.arms),
-                "baseline_arm": self.baseline_arm, "variant_options": dict(self.variant_options)}
+                "baseline_arm": self.baseline_arm, "variant_options": dict(self.variant_options),
+                "sensitivity": list(self.sensitivity)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> StudySpec:
@@ -118,7 +121,8 @@ class StudySpec:
                        calib_batches=int(d["calib_batches"]), eval_tokens=d.get("eval_tokens"),
                        run=RunConfig.from_dict(run), overrides=dict(d.get("overrides") or {}),
                        optimizers=tuple(d.get("optimizers") or ()),
-                       variant_options=dict(d.get("variant_options") or {}))
+                       variant_options=dict(d.get("variant_options") or {}),
+                       sensitivity=tuple(d.get("sensitivity") or ()))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"not a study config ({type(e).__name__}: {e}); rerun `quietgpt study`") from None
 
@@ -136,7 +140,7 @@ def differences(old: Mapping, new: Mapping) -> list[str]:
 @functools.cache
 def _defaults() -> dict:
     return {**_flat({"model": GPTConfig().to_dict(), "data": asdict(DataConfig()), "train": asdict(TrainConfig())}),
-            "optimizers": []}
+            "optimizers": [], "sensitivity": [], "measure.sensitivity": []}
 
 
 def _new_default(key: str, old: Mapping, new: Mapping, prefix: str) -> bool:
@@ -199,7 +203,7 @@ def _split_variant_options(tables: dict, cli: dict, variants: Sequence[str]) -> 
 def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = None, seeds: int | None = None,
                  baseline: str | None = None, data: str | None = None, device: str | None = None,
                  overrides: Mapping | None = None, quant: Sequence[str] | None = None,
-                 optimizers: Sequence[str] | None = None) -> StudySpec:
+                 optimizers: Sequence[str] | None = None, sensitivity: Sequence[str] | None = None) -> StudySpec:
     """The study `preset` (name or TOML path) with the caller's choices on top; every bad value is a
     one-line ConfigError naming it."""
     from quietgpt.nn.variants import check_variant
@@ -212,7 +216,9 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
     if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
     given = {k: v for k, v in {"variants": variants, "seeds": seeds, "baseline": baseline, "optimizers": optimizers,
-                               "quant": None if quant is None else list(quant)}.items() if v is not None}
+                               "quant": None if quant is None else list(quant),
+                               "sensitivity": None if sensitivity is None else list(sensitivity)}.items()
+             if v is not None}
     for v in variants or doc.get("study", {}).get("variants") or ():  # a bad name first, then the baseline check
         check_variant(v)
     sc = StudyConfig.from_dict({**doc.get("study", {}), **given}, f"[study] of {name}")
@@ -230,9 +236,12 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
     tables, cli, vopts = _split_variant_options(tables, cli, sc.variants)
     run = apply_overrides(apply_overrides(load_config(base), tables), cli)
     qs = tuple(c.name for c in parse_quant_list(list(sc.quant))) if sc.quant else ()
+    sens = tuple(c.name for c in parse_quant_list(list(sc.sensitivity)))
+    if any(c.kind != "simulated" for c in parse_quant_list(list(sens))):
+        raise ConfigError("study.sensitivity takes simulated quant configs (w<bits>a<bits>...), not int8-dynamic")
     return StudySpec(preset=name, description=sc.description, train_preset=base, variants=sc.variants,
                      seeds=tuple(range(sc.seeds)), baseline=sc.baseline, quant=qs, n_sequences=sc.n_sequences,
                      calib_batches=sc.calib_batches, eval_tokens=sc.eval_tokens or None,
                      run=replace(run, train=replace(run.train, out_dir=".")),
                      overrides={**_flat_str(tables), **cli, **vopts}, optimizers=sc.optimizers,
-                     variant_options=vopts)
+                     variant_options=vopts, sensitivity=sens)

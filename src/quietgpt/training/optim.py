@@ -5,11 +5,14 @@ per-coordinate scaling and remove them with OrthoAdam; Park et al. 2025 ("Outlie
 remove them with Muon. So the optimizer is a study axis like the attention variant:
 
 * adamw      nanoGPT's fused AdamW with decay/no-decay groups (the default, unchanged).
-* muon       PyTorch's own `torch.optim.Muon` (Newton-Schulz orthogonalised momentum) for the 2-D
-             matrices inside the blocks, at `train.muon_lr` with Keller Jordan's shape scaling
-             (adjust_lr_fn "original"), momentum `train.muon_momentum`, Nesterov; AdamW (the groups
-             above) for embeddings, the tied head, LayerNorms, biases and sink logits, as Muon's
-             authors and modded-nanogpt do.
+* muon       PyTorch's own `torch.optim.Muon` (Newton-Schulz orthogonalised momentum) for the hidden
+             matmul weights (`muon_params`: every block's BLOCK_MATMULS and the outgate variant's (out, C)
+             gate projection), at `train.muon_lr` with Keller Jordan's shape scaling (adjust_lr_fn
+             "original"), momentum `train.muon_momentum`, Nesterov; AdamW (the groups above) for the rest:
+             embeddings, the tied head, LayerNorm gains and biases, linear biases, sink logits, kvbias's
+             learned key and value vectors and the gated variant's per-head gate vectors (Keller Jordan's
+             rule, as Muon's authors and modded-nanogpt apply it: Newton-Schulz would orthogonalise those
+             vectors across heads).
 * orthoadam  Adam whose moments live in a fixed random orthogonal basis per parameter (Kaul et al.):
              gradients are rotated in, the Adam direction is rotated back. Each tensor axis of size
              <= `train.orthoadam_max_dim` gets its own Haar-random orthogonal matrix (the basis of the
@@ -29,8 +32,9 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from quietgpt.config import OPTIMIZERS, TrainConfig
+from quietgpt.nn.model import is_block_matmul
 
-__all__ = ["OPTIMIZERS", "Chained", "OrthoAdam", "build_optimizer", "haar_orthogonal", "rotate"]
+__all__ = ["OPTIMIZERS", "Chained", "OrthoAdam", "build_optimizer", "haar_orthogonal", "muon_params", "rotate"]
 
 
 def build_optimizer(model, tc: TrainConfig, device_type: str) -> torch.optim.Optimizer | Chained:
@@ -41,8 +45,7 @@ def build_optimizer(model, tc: TrainConfig, device_type: str) -> torch.optim.Opt
     if tc.optimizer == "orthoadam":
         return OrthoAdam(model.param_groups(tc.weight_decay), lr=tc.learning_rate, betas=betas,
                          max_rotate_dim=tc.orthoadam_max_dim, seed=tc.seed)
-    hidden = {id(p) for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2
-              and n.startswith("transformer.h.")}
+    hidden = {id(p) for _, p in muon_params(model)}
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]}
             for g in model.param_groups(tc.weight_decay)]
     muon = torch.optim.Muon([p for p in model.parameters() if id(p) in hidden], lr=tc.muon_lr,
@@ -52,6 +55,14 @@ def build_optimizer(model, tc: TrainConfig, device_type: str) -> torch.optim.Opt
         g["lr_scale"] = tc.muon_lr / tc.learning_rate  # the schedule moves Muon's rate in proportion
     adamw = torch.optim.AdamW([g for g in rest if g["params"]], lr=tc.learning_rate, betas=betas)
     return Chained([muon, adamw])
+
+
+def muon_params(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of the hidden matmul weights Muon takes: every block's BLOCK_MATMULS weights, and the
+    outgate variant's gate projection (a matmul over the whole block input, like q_proj's columns it comes
+    from in Qiu et al.); nothing else."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and
+            (is_block_matmul(n) or (n.endswith(".attn.gate.weight") and model.config.attention == "outgate"))]
 
 
 class Chained:

@@ -35,7 +35,7 @@ import torch
 
 from quietgpt.config import TrainConfig
 from quietgpt.measurement.collectors import StatsCollector, weight_stats
-from quietgpt.measurement.perplexity import calibration_batches, eval_windows, nll_pass, ppl_of
+from quietgpt.measurement.perplexity import batch_sizes, calibration_batches, nll_pass, observed_windows, ppl_of
 from quietgpt.measurement.registry import Metric, trajectory_metrics
 from quietgpt.nn.model import GPT
 from quietgpt.quant.simulated import quantized
@@ -48,13 +48,10 @@ WINDOW_SEED = 0  # the study measures every run with seed 0 too (study/run.py): 
 
 
 def trajectory_windows(n_tokens: int, block_size: int, n: int) -> list[tuple[int, int]]:
-    """The (start, length) validation windows a trajectory reads: n full block_size windows of a split of
-    n_tokens tokens, drawn exactly as measure(seed=0, n_sequences=n) draws its observed ones, in split order.
-    Fewer when the split has fewer full windows (the tail window when it has none)."""
-    windows = eval_windows(n_tokens, block_size)
-    full = [i for i, (_, length) in enumerate(windows) if length == block_size] or list(range(len(windows)))
-    pick = np.random.default_rng(WINDOW_SEED).choice(full, size=min(n, len(full)), replace=False)
-    return [windows[i] for i in sorted(pick.tolist())]
+    """The (start, length) validation windows a trajectory reads: the windows measure(seed=0, n_sequences=n)
+    observes (perplexity.observed_windows, the one draw both use), in split order."""
+    windows, observed = observed_windows(n_tokens, block_size, n, WINDOW_SEED)
+    return [windows[i] for i in observed]
 
 
 @torch.no_grad()
@@ -70,16 +67,14 @@ def measure_outliers(model: GPT, val: np.ndarray, windows: Sequence[tuple[int, i
     try:
         cfg = model.config
         T = max(n for _, n in windows)
-        # the batch limits measure() uses: modest (B, T, vocab) logits and (B, H, T, T) probabilities
-        batch = max(1, min(16, 2**27 // (T * cfg.vocab_size)))
-        obs_batch = max(1, min(batch, 2**24 // (cfg.n_head * T * T)))
+        sizes = batch_sizes(T, cfg.vocab_size, cfg.n_head)  # measure()'s
         collector = StatsCollector()
-        nll, ntok = nll_pass(model, val, windows, batch_size=batch, device=device, observed=set(range(len(windows))),
-                             collector=collector, observe_batch=obs_batch)
+        nll, ntok = nll_pass(model, val, windows, batch_size=sizes.plain, device=device,
+                             observed=set(range(len(windows))), collector=collector, observe_batch=sizes.observed)
         perplexity = {"fp": ppl_of(nll, ntok), "tokens": ntok}
         for qc in configs:
-            with quantized(model, qc, calib):
-                nll_q, _ = nll_pass(model, val, windows, batch_size=batch, device=device)
+            with quantized(model, qc, calib) as q:
+                nll_q, _ = nll_pass(q.model, val, windows, batch_size=sizes.plain, device=device)
             perplexity[qc.name] = ppl_of(nll_q, ntok)
         ev = {"weights": weight_stats(model)[0], "activations": collector.activation_rows(),
               "attention": collector.attention_rows(), "perplexity": perplexity, **collector.papers()}
@@ -105,7 +100,7 @@ class OutlierTracker:
         self.configs = parse_quant_list(tc.outlier_quant) if self.every > 0 else []
         self.metrics = trajectory_metrics([c.name for c in self.configs])
         # calibration_batches draws from its own generator: the training stream is never touched
-        calib_batch = max(1, min(8, tc.batch_size, 2**27 // (T * model.config.vocab_size)))  # as in measure()
+        calib_batch = batch_sizes(T, model.config.vocab_size, model.config.n_head).calib  # measure()'s
         self.calib = (calibration_batches(dataset.train, tc.outlier_calib_batches, calib_batch, T, WINDOW_SEED,
                                           device) if self.configs else [])
 
