@@ -45,7 +45,7 @@ TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_siz
         "train.eval_iters=2", "train.log_interval=5", "train.warmup_iters=5", "train.threads=1",
         "data.synthetic_tokens=20000"]
 STUDY_QUANT = "w8a8"
-IGNORED_ROW_KEYS = {"wall_s", "train_wall_s", "tokens_per_s", "dir", "error"}
+IGNORED_ROW_KEYS = {"wall_s", "train_wall_s", "tokens_per_s", "dir", "error", "started_at"}
 
 
 def _sets(items: list[str]) -> list[str]:

@@ -193,8 +193,9 @@ def test_single_seed_says_ci_undefined(tmp_path):
     results = study.collect(tmp_path)
     s = results["summary"]["ppl"]["softmax1"]
     assert s["n"] == 1 and s["ci95_low"] is None
-    have = [c for c in results["comparisons"] if "has no such value" not in c["verdict"]]  # metrics the fake lacks
-    assert have and all(c["verdict"].startswith("not enough seeds") for c in have)
+    have = [c for c in results["comparisons"] if "has no such value" not in c["verdict"]  # metrics the fake lacks
+            and c["family"] == "exploratory"]
+    assert have and all(c["verdict"].startswith("exploratory: not enough seeds") for c in have)
     md = report.write_report(tmp_path)["md"].read_text()
     assert "no CI" in md
 

@@ -275,6 +275,16 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()] if args.optimizers else None
+    if args.plan:  # what the seeds can detect; nothing is trained
+        from quietgpt.study.power import plan_text
+        from quietgpt.study.spec import resolve_spec
+
+        print(plan_text(resolve_spec(args.preset, variants=variants, seeds=args.seeds, baseline=args.baseline,
+                                     optimizers=optimizers, data=args.data, device=args.device,
+                                     overrides=parse_assignments(args.set), seed_start=args.seed_start)))
+        return 0
+    if not args.out:
+        raise QuietError("quietgpt study needs --out DIR (the study folder)")
     results = run_study(args.out, args.preset, variants=variants, seeds=args.seeds, baseline=args.baseline,
                         optimizers=optimizers,
                         data=args.data,
@@ -282,7 +292,7 @@ def cmd_study(args: argparse.Namespace) -> int:
                         quant=None if args.quant is None else [q for q in args.quant.split(",") if q.strip()],
                         sensitivity=None if args.sensitivity is None else
                         [q for q in args.sensitivity.split(",") if q.strip()],
-                        launcher=args.launcher, force=args.force, progress=True)
+                        launcher=args.launcher, force=args.force, progress=True, seed_start=args.seed_start)
     _print_study(results, args.out)
     return 0
 
@@ -340,9 +350,13 @@ def _add_study(verb) -> None:
     p = verb("study", help="train variants over seeds, measure them, and write a report")
     p.add_argument("--preset", default="default",
                    help="study preset (see `quietgpt presets`) or a .toml file with a [study] table")
-    p.add_argument("--out", required=True, help="study folder")
+    p.add_argument("--out", help="study folder (required unless --plan)")
     p.add_argument("--variants", help="comma-separated attention variants (default: the study preset's)")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the study preset's)")
+    p.add_argument("--seed-start", type=int, help="the first seed; fresh seeds for a replication (default: the "
+                   "study preset's, 0)")
+    p.add_argument("--plan", action="store_true", help="print what the study's seeds can detect (the exact test's "
+                   "smallest p; per primary hypothesis the effect detectable with 80%% and 90%% power) and stop")
     p.add_argument("--baseline", help="the variant the others are compared with (default: the study preset's, "
                    "softmax)")
     p.add_argument("--optimizers", help="comma-separated optimizers (adamw, muon, orthoadam) to cross with the "

@@ -309,6 +309,54 @@ def check_baseline(baseline: str, variants: Sequence[str]) -> None:
                           "add it to --variants or name another with --baseline")
 
 
+DIRECTIONS = ("lower", "higher")
+TESTS = ("sign-flip", "t")
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One pre-registered primary hypothesis ([[study.primary]] in a study TOML): `variant` (an arm) has a
+    `direction` ("lower" | "higher") value of `metric` (a registry key the study compares) than the baseline,
+    decided by `test`: "sign-flip" (the exact one-sided sign-flip test, the default) or "t" (the one-sided
+    paired t-test), Holm-corrected over the primary family at study.alpha. `sd`: a prior standard deviation
+    of the paired difference (metric units) for the power printout; `note`: where the hypothesis comes from."""
+    name: str
+    metric: str
+    variant: str
+    direction: str = "lower"
+    test: str = "sign-flip"
+    sd: float | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name.strip() or not self.metric.strip() or not self.variant.strip():
+            raise ConfigError("each [[study.primary]] needs a name, a metric and a variant")
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"study.primary {self.name}: direction must be lower or higher, got {self.direction!r}")
+        if self.test not in TESTS:
+            raise ConfigError(f"study.primary {self.name}: test must be sign-flip or t, got {self.test!r}")
+        if self.sd is not None and not (isinstance(self.sd, int | float) and self.sd > 0):
+            raise ConfigError(f"study.primary {self.name}: sd must be a positive number, got {self.sd!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> Hypothesis:
+        known = {f.name for f in fields(cls)}
+        if not isinstance(d, dict):
+            raise ConfigError(f"study.primary in {where} must be a list of tables ([[study.primary]])")
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown key study.primary.{unknown[0]} in {where}; known: {', '.join(sorted(known))}")
+        kw = {k: (float(v) if k == "sd" and isinstance(v, int) and not isinstance(v, bool) else v)
+              for k, v in d.items()}
+        for k, v in kw.items():
+            if k != "sd" and not isinstance(v, str):
+                raise ConfigError(f"study.primary.{k} in {where} expects text, got {v!r}")
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """A TOML file's [study] table: what `quietgpt study` trains and measures on top of the run config.
@@ -328,6 +376,9 @@ class StudyConfig:
     eval_tokens: int = 0  # perplexity on the first eval_tokens validation tokens; 0 = the whole split
     optimizers: tuple[str, ...] = ()  # crossed with the variants (arms "variant+optimizer"); () = train.optimizer
     sensitivity: tuple[str, ...] = ()  # quant configs whose penalty is also measured one tensor group at a time
+    seed_start: int = 0  # the first seed: a replication draws fresh seeds seed_start .. seed_start + seeds - 1
+    alpha: float = 0.05  # family-wise error rate of each Holm family (the primary hypotheses; the exploratory rest)
+    primary: tuple[Hypothesis, ...] = ()  # pre-registered hypotheses ([[study.primary]]); the rest is exploratory
 
     @classmethod
     def from_dict(cls, table: dict, where: str = "[study]") -> StudyConfig:
@@ -341,7 +392,11 @@ class StudyConfig:
                 hint = f" (did you mean study.{close[0]}?)" if close else ""
                 raise ConfigError(f"unknown key study.{key}{hint} in {where}; known study keys: "
                                   f"{', '.join(sorted(known))}")
-            if key in ("variants", "quant", "optimizers", "sensitivity"):
+            if key == "primary":
+                if not isinstance(value, list | tuple):
+                    raise ConfigError(f"study.primary in {where} must be a list of tables ([[study.primary]])")
+                values[key] = tuple(h if isinstance(h, Hypothesis) else Hypothesis.from_dict(h, where) for h in value)
+            elif key in ("variants", "quant", "optimizers", "sensitivity"):
                 items = value.split(",") if isinstance(value, str) else value
                 if not isinstance(items, list | tuple) or not all(isinstance(x, str) for x in items):
                     raise ConfigError(f"study.{key} expects a list of names, got {value!r}")
@@ -359,6 +414,13 @@ class StudyConfig:
         if not self.variants or len(set(self.variants)) != len(self.variants):
             raise ConfigError(f"study.variants must name distinct attention variants, got {','.join(self.variants)!r}")
         check_baseline(self.baseline, self.variants)
+        if self.seed_start < 0:
+            raise ConfigError(f"study.seed_start must be >= 0, got {self.seed_start!r}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"study.alpha must be in (0, 1), got {self.alpha!r}")
+        names = [h.name for h in self.primary]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"study.primary names must be distinct, got {', '.join(names)}")
         bad = [o for o in self.optimizers if o not in OPTIMIZERS]
         if bad or len(set(self.optimizers)) != len(self.optimizers):
             raise ConfigError(f"study.optimizers must name distinct optimizers among {', '.join(OPTIMIZERS)}, got "

@@ -61,8 +61,9 @@ def mean_ci(values: Sequence[float | None], confidence: float = CONFIDENCE) -> d
     }
 
 
-def sign_flip_pvalue(d: np.ndarray) -> float | None:
-    """Exact two-sided sign-flip permutation p-value of mean(d) = 0 over all 2^n sign patterns.
+def sign_flip_pvalue(d: np.ndarray, alternative: str = "two-sided") -> float | None:
+    """Exact sign-flip permutation p-value of mean(d) = 0 over all 2^n sign patterns; alternative
+    "two-sided", "less" (mean(d) < 0) or "greater".
 
     Under the null (no difference between the paired variants) each difference is as likely to be
     positive as negative, so flipping signs enumerates the null distribution exactly. None when n < 1.
@@ -72,13 +73,73 @@ def sign_flip_pvalue(d: np.ndarray) -> float | None:
     if np.all(d == 0):
         return 1.0
     res = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf,
-                               alternative="two-sided")
+                               alternative=alternative)
     return float(min(1.0, res.pvalue))
 
 
-def min_exact_pvalue(n: int) -> float:
-    """The smallest two-sided p-value the exact sign-flip test can give with n pairs: 2 / 2^n."""
-    return min(1.0, 2.0 / 2.0**n)
+def min_exact_pvalue(n: int, sides: int = 2) -> float:
+    """The smallest p-value the exact sign-flip test can give with n pairs: 2 / 2^n two-sided, 1 / 2^n one-sided."""
+    return min(1.0, sides / 2.0**n)
+
+
+def one_sided_t_pvalue(d: np.ndarray, alternative: str) -> float | None:
+    """The paired t-test's one-sided p-value for differences d (alternative "less" or "greater"); None when
+    n < 2 or the differences have no spread."""
+    if len(d) < 2 or float(np.std(d, ddof=1)) == 0:
+        return None
+    return float(sps.ttest_1samp(d, 0.0, alternative=alternative).pvalue)
+
+
+# ----------------------------------------------------------------------------- power
+
+
+def detectable_effect_t(n: int, sd: float, alpha: float, power: float) -> float | None:
+    """The smallest mean paired difference (in sd's units) a one-sided paired t-test at level alpha detects
+    with probability `power` from n pairs: solves the noncentral t power equation
+    P(T' > t_{1-alpha, n-1}) = power, T' ~ nct(n - 1, delta sqrt(n) / sd). None when n < 2."""
+    if n < 2 or not sd > 0:
+        return None
+    crit = float(sps.t.ppf(1 - alpha, n - 1))
+
+    def gap(delta: float) -> float:
+        return float(sps.nct.sf(crit, n - 1, delta * math.sqrt(n) / sd)) - power
+
+    hi = sd
+    while gap(hi) < 0:
+        hi *= 2
+    from scipy.optimize import brentq
+
+    return float(brentq(gap, 0.0, hi, xtol=sd * 1e-6))
+
+
+def power_sign_flip(n: int, effect: float, sd: float, alpha: float, sims: int = 4000, seed: int = 0) -> float:
+    """Monte Carlo power of the one-sided exact sign-flip test (mean < 0 alternative for a negative
+    effect) with n normal paired differences of mean `effect` and standard deviation `sd`: the share of
+    simulated studies whose exact p (all 2^n sign patterns) is below alpha."""
+    rng = np.random.default_rng(seed)
+    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * n)).reshape(n, -1)  # n x 2^n
+    d = rng.normal(effect, sd, (sims, n)) * (-1.0 if effect < 0 else 1.0)  # test "greater" on |effect|
+    null = np.abs(d) @ signs / n  # each simulated study's sign-flip null distribution of the mean
+    obs = d.mean(axis=1, keepdims=True)
+    p = (null >= obs - 1e-12).mean(axis=1)
+    return float((p < alpha).mean())
+
+
+def detectable_effect_sign_flip(n: int, sd: float, alpha: float, power: float) -> float | None:
+    """The smallest |mean paired difference| the one-sided exact sign-flip test at level alpha detects with
+    probability `power` from n normal differences of standard deviation sd (bisection on power_sign_flip;
+    None when the test cannot reach alpha at all with n pairs, or n > 16)."""
+    if n < 1 or n > 16 or min_exact_pvalue(n, 1) >= alpha or not sd > 0:
+        return None
+    lo, hi = 0.0, sd
+    while power_sign_flip(n, hi, sd, alpha) < power:
+        hi *= 2
+        if hi > 64 * sd:
+            return None
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if power_sign_flip(n, mid, sd, alpha) < power else (lo, mid)
+    return hi
 
 
 def paired(a: Mapping[int, float | None], b: Mapping[int, float | None],
@@ -220,13 +281,20 @@ def summarize(runs: Sequence[Mapping], metrics: Sequence[str], variants: Sequenc
 
 
 def compare(runs: Sequence[Mapping], metrics: Sequence[str], variants: Sequence[str], baseline: str,
-            labels: Mapping[str, str] | None = None) -> list[dict]:
+            labels: Mapping[str, str] | None = None, *, primary: Sequence[tuple[str, str]] = (),
+            structural=None) -> list[dict]:
     """Every variant other than `baseline` against it, per metric, paired by seed:
-    [{metric, a, b, diff_mean, ci95_low, ci95_high, n, p_value, p_exact, test, verdict, ...}]."""
+    [{metric, a, b, family, diff_mean, ci95_low, ci95_high, n, p_value, p_exact, p_holm, test, verdict, ...}].
+
+    family: "primary" for the (metric, variant) pairs in `primary` (decided by `confirm`, not here: no Holm
+    p in this list), "structural" where `structural(metric, variant)` or `structural(metric, baseline)` says
+    the difference holds by construction (not tested), else "exploratory": Holm over the exploratory family
+    alone."""
     labels = labels or {}
     out = []
     if baseline not in variants:
         return out
+    prim = set(primary)
 
     def by_seed(v: str, metric: str) -> dict:
         return {r["seed"]: r.get(metric) for r in runs if r["variant"] == v and r.get("status") == "ok"}
@@ -234,22 +302,71 @@ def compare(runs: Sequence[Mapping], metrics: Sequence[str], variants: Sequence[
     pairs = [(m, v) for m in metrics for v in variants if v != baseline]
     cmps = [paired(by_seed(v, m), by_seed(baseline, m)) for m, v in pairs]
     for (m, v), c in zip(pairs, cmps, strict=True):
+        c["family"] = ("primary" if (m, v) in prim else "structural"
+                       if structural is not None and (structural(m, v) or structural(m, baseline)) else "exploratory")
         # no run of either arm has a value (a gate mean without gates), as against too few seeds
         ok = [[r for r in runs if r["variant"] == x and r.get("status") == "ok"] for x in (v, baseline)]
         has = [any(r.get(m) is not None for r in rs) for rs in ok]
         if c["n"] == 0 and all(ok) and not all(has):
             c["why_none"] = f"{' and '.join(x for x, h in zip((v, baseline), has) if not h)} has no such value"
     # Many metrics x variants are tested at once: about 1 in 20 intervals excludes 0 by chance alone.
-    for c, adj in zip(cmps, holm([c["p_value"] for c in cmps])):
-        c["p_holm"], c["n_tests"] = adj, sum(c2["p_value"] is not None for c2 in cmps)
+    explo = [c for c in cmps if c["family"] == "exploratory"]
+    for c, adj in zip(explo, holm([c["p_value"] for c in explo])):
+        c["p_holm"], c["n_tests"] = adj, sum(c2["p_value"] is not None for c2 in explo)
+    for c in cmps:
+        c.setdefault("p_holm", None)
+        c.setdefault("n_tests", None)
     for (metric, v), c in zip(pairs, cmps):
+        label = labels.get(metric, metric)
+        if c["family"] == "structural":
+            zero = baseline if structural(metric, baseline) else v
+            said = f"structural, not tested: {label} is 0 by construction for {zero}"
+        elif c["family"] == "primary":
+            said = f"primary hypothesis: decided in the confirmatory result ({verdict(label, v, baseline, c)})"
+        else:
+            said = "exploratory: " + verdict(label, v, baseline, c)
         out.append({
             "metric": metric, "a": v, "b": baseline, **c,
             "test": f"paired t-test (scipy.stats.ttest_rel); {EXACT_TEST} over all 2^n sign patterns; "
-                    "p_holm: t-test p adjusted by Holm's step-down method over all comparisons",
-            "verdict": verdict(labels.get(metric, metric), v, baseline, c),
+                    "p_holm: t-test p adjusted by Holm's step-down method over the exploratory family",
+            "verdict": said,
         })
     return out
+
+
+def confirm(runs: Sequence[Mapping], hypotheses: Sequence, baseline: str, alpha: float = 0.05) -> list[dict]:
+    """The pre-registered primary hypotheses, each decided by its own one-sided test (exact sign-flip over all
+    2^n sign patterns, or the paired t-test), Holm-corrected over the hypotheses alone at `alpha`.
+
+    Each hypothesis (config.Hypothesis: name, metric, variant, direction, test) gives {name, metric, a, b,
+    direction, test, diff_mean, ci95_low, ci95_high (two-sided t interval), n, seeds, p (one-sided), p_min
+    (the smallest p its test can give with n pairs), p_holm, decision, sentence}: "confirmed" when the Holm
+    p is below alpha; "refuted" when the two-sided 95% interval lies wholly on the other side of 0; else
+    "not confirmed"."""
+    rows = []
+    for h in hypotheses:
+        a = {r["seed"]: r.get(h.metric) for r in runs if r["variant"] == h.variant and r.get("status") == "ok"}
+        b = {r["seed"]: r.get(h.metric) for r in runs if r["variant"] == baseline and r.get("status") == "ok"}
+        c = paired(a, b)
+        d = np.asarray([float(a[s]) - float(b[s]) for s in c["seeds"]], dtype=np.float64)
+        alt = "less" if h.direction == "lower" else "greater"
+        p = sign_flip_pvalue(d, alt) if h.test == "sign-flip" else one_sided_t_pvalue(d, alt)
+        rows.append({"name": h.name, "metric": h.metric, "a": h.variant, "b": baseline, "direction": h.direction,
+                     "test": "exact one-sided sign-flip" if h.test == "sign-flip" else "one-sided paired t",
+                     "diff_mean": c["diff_mean"], "ci95_low": c["ci95_low"], "ci95_high": c["ci95_high"],
+                     "n": c["n"], "seeds": c["seeds"], "p": p,
+                     "p_min": min_exact_pvalue(c["n"], 1) if h.test == "sign-flip" and c["n"] else None})
+    for r, adj in zip(rows, holm([r["p"] for r in rows])):
+        r["p_holm"] = adj
+        lo, hi = r["ci95_low"], r["ci95_high"]
+        against = lo is not None and ((r["direction"] == "lower" and lo > 0) or
+                                      (r["direction"] == "higher" and hi < 0))
+        r["decision"] = "confirmed" if adj is not None and adj < alpha else "refuted" if against else "not confirmed"
+        r["sentence"] = (f"{r['name']}: {r['a']} has a {r['direction']} {r['metric']} than {r['b']}: "
+                         f"{r['decision']} (difference {fmt_interval(r['diff_mean'], lo, hi, signed=True)}, "
+                         f"n={r['n']}, {r['test']} p={fmt(r['p'], 2)}, Holm p={fmt(adj, 2)} over "
+                         f"{len(rows)} hypotheses at alpha {fmt(alpha)})")
+    return rows
 
 
 def holm(p_values: Sequence[float | None]) -> list[float | None]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quietgpt.nn.model import is_block_matmul
+from quietgpt.nn.variants import NULL_VARIANTS
 
 # ----------------------------------------------------------------------------- what a metric reads
 
@@ -34,6 +35,19 @@ def is_block_weight(entry: dict) -> bool:
     attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj). Gate weights are left out on purpose: only gated variants
     have them, and a paired comparison must read the same tensors in every variant."""
     return is_block_matmul(str(entry.get("name", "")))
+
+
+# Metrics that are 0 by definition for a variant whose attention rows sum to 1 (not in NULL_VARIANTS): a
+# comparison of such a variant's value with another's holds by construction and is shown as "structural",
+# never tested.
+ZERO_UNLESS_NULL = ("unassigned_mass_mean",)
+
+
+def zero_by_construction(metric: str, variant: str) -> bool:
+    """Is `metric` (or its mean over training, auc_<metric>) 0 by definition for `variant` (an arm
+    "variant+optimizer" counts as its variant)?"""
+    base = metric[len("auc_"):] if metric.startswith("auc_") else metric
+    return base in ZERO_UNLESS_NULL and variant.partition("+")[0] not in NULL_VARIANTS
 
 
 ACT_SITES = ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out")  # every site but attn_probs
@@ -183,8 +197,9 @@ def _quant_metrics(quant: Sequence[str]) -> list[Metric]:
         return (f"with simulated {q} quantization (quant/, docs/quantization.md; activation ranges calibrated on "
                 "training batches)", BONDARENKO)
 
+    # ppl_<q> is recorded but not compared: its comparison would repeat the penalty's (one metric per quantity)
     return [*(Metric(f"ppl_{q}", f"perplexity ({q})", "perplexity", f"perplexity {how(q)[0]}, on the same tokens "
-                     "as the FP perplexity", how(q)[1], "eval", read=ppl(q), headline=i == 0)
+                     "as the FP perplexity", how(q)[1], "eval", read=ppl(q), headline=i == 0, compared=False)
               for i, q in enumerate(quant)),
             *(Metric(f"ppl_ratio_{q}", f"{q} / FP perplexity", "ratio", f"ppl_{q} / ppl: the quantization "
                      "penalty (1 = none)", how(q)[1], "eval", read=ratio(q), headline=i == 0,

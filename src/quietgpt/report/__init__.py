@@ -36,7 +36,16 @@ import numpy as np
 from quietgpt.errors import QuietError
 from quietgpt.measurement.registry import ACT_SITES, ACTIVATIONS, BLOCK_WEIGHTS
 from quietgpt.report.answer import answer_lines
-from quietgpt.report.cells import CAN_LEAVE_MASS, baseline_value, effect_unit, label, scale, summary_cell, symbol_key
+from quietgpt.report.cells import (
+    CAN_LEAVE_MASS,
+    baseline_value,
+    effect_unit,
+    is_penalty,
+    label,
+    scale,
+    summary_cell,
+    symbol_key,
+)
 from quietgpt.report.document import build_document, render_html, render_markdown
 from quietgpt.report.plots import (
     plot_activations,
@@ -160,9 +169,10 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
         "sample's first positions (the title says how many), not the whole context.")
     forest = None
     if plot_forest(forest_panels(results), plot_dir / "forest.png", cfg.get("baseline", "?")):
-        forest = ("plots/forest.png", f"Paired difference to {cfg.get('baseline')} per headline metric "
-                  "(variant - baseline; 95% t interval over seeds). Filled and starred: significant after "
-                  "Holm's correction; hollow in colour: interval excludes 0 only before the correction.")
+        forest = ("plots/forest.png", f"Paired difference to {cfg.get('baseline')} (variant - baseline; 95% t "
+                  "interval over seeds) per primary hypothesis, headline metric and quantization penalty. "
+                  "Exploratory unless marked primary: filled and starred = significant after Holm's correction "
+                  "over the exploratory comparisons; hollow in colour: the interval excludes 0 only before it.")
     shown = ([forest] if forest else []) + plots
     for stale in set(plot_dir.glob("*.png")) - {study_dir / f for f, _ in shown}:
         stale.unlink(missing_ok=True)  # plots/ holds this report's figures only (not an older layout's)
@@ -179,17 +189,29 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
             "plots": [study_dir / f for f, _ in shown]}
 
 
+def forest_metrics(results: dict) -> list[str]:
+    """The forest plot's panels: the primary hypotheses' metrics, then the headline metrics, then every
+    quantization penalty the study measured (registry order within each group)."""
+    metrics, order = results.get("metrics", {}), results.get("metric_order", [])
+    primary = [h["metric"] for h in (results.get("confirmatory") or {}).get("hypotheses", [])]
+    out = list(dict.fromkeys(primary))
+    out += [m for m in order if metrics.get(m, {}).get("headline") and m not in out]
+    out += [m for m in order if is_penalty(m) and m not in out]
+    return out
+
+
 def forest_panels(results: dict) -> list[dict]:
-    """plot_forest's input: one panel per headline compared metric (registry order), one row per fix, in
-    the report's units (penalties in percentage points)."""
+    """plot_forest's input: one panel per forest_metrics entry that has comparisons, one row per fix, in the
+    report's units (penalties in percentage points); a primary metric's title says so."""
     cfg, metrics = results.get("config", {}), results.get("metrics", {})
     b = cfg.get("baseline")
     fixes = [v for v in cfg.get("variants", []) if v != b]
     by = {(c["metric"], c["a"]): c for c in results.get("comparisons", [])}
+    primary = {h["metric"] for h in (results.get("confirmatory") or {}).get("hypotheses", [])}
     panels = []
-    for m in results.get("metric_order", []):
+    for m in forest_metrics(results):
         desc = metrics.get(m, {})
-        if not desc.get("headline") or not any((m, v) in by for v in fixes):
+        if not any((m, v) in by for v in fixes):
             continue
         k, rows = scale(m), []
         for v in fixes:
@@ -201,8 +223,9 @@ def forest_panels(results: dict) -> list[dict]:
                          "hi": None if hi is None else hi * k, "kind": symbol_key(c) if c else "na",
                          "judged": judged})
         shown = baseline_value(m, b, (results.get("summary", {}).get(m) or {}).get(b))
-        panels.append({"title": f"{label(m, desc)}\n({b}: {shown})", "xlabel": f"difference ({effect_unit(m, desc)})",
-                       "rows": rows})
+        tag = "primary, see the confirmatory result" if m in primary else "exploratory"
+        panels.append({"title": f"{label(m, desc)} ({tag})\n({b}: {shown})",
+                       "xlabel": f"difference ({effect_unit(m, desc)})", "rows": rows})
     return panels
 
 
@@ -220,10 +243,17 @@ def text_summary(results: dict) -> str:
     header = ["metric", *variants]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = [f"{sum(r.get('status') == 'ok' for r in runs)} of {len(runs)} runs ok; study wall time "
-             f"{fmt(results.get('wall_s'))} s; mean [95% CI] over seeds:"]
+             f"{fmt(results.get('wall_s'))} s"]
+    conf = results.get("confirmatory")
+    if conf:
+        lines.append("confirmatory result (pre-registered hypotheses, Holm over them alone):")
+        lines += [f"- {h['sentence']}" for h in conf.get("hypotheses", [])]
+        if conf.get("preregistration_note"):
+            lines.append(f"  {conf['preregistration_note']}")
+    lines.append("mean [95% CI] over seeds:")
     for r in [header, *rows]:
         lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
-    lines.append("verdicts (paired by seed, against the baseline):")
+    lines.append("verdicts (paired by seed, against the baseline; exploratory unless primary):")
     lines += [f"- {c['verdict']}" for c in results.get("comparisons", []) if c["metric"] in headline]
     lines += [f"FAILED {r['variant']} seed {r['seed']}: {r.get('error')}" for r in runs if r.get("status") != "ok"]
     lines.append("answer (generated from the verdicts; report.html has the forest plot):")

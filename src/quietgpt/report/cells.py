@@ -19,6 +19,7 @@ and the answer:
 
 from __future__ import annotations
 
+from quietgpt.measurement.registry import zero_by_construction
 from quietgpt.nn.variants import NULL_VARIANTS, VARIANTS
 from quietgpt.stats import crosses_floor, fmt, fmt_interval, fmt_signed
 
@@ -39,8 +40,8 @@ CEILING_BY_UNIT = {"probability": 1.0}  # an attention mass above 1 is impossibl
 
 # One symbol per verdict (the effects table and the legend under it).
 SYMBOLS = {"up": "▲", "down": "▼", "lead_up": "△", "lead_down": "▽", "none": "·", "same": "=", "na": "–"}
-SYMBOL_LEGEND = ("▲/▼ higher/lower than the baseline, significant after Holm's correction for all the "
-                 "study's comparisons; △/▽ the 95% interval excludes 0 but the difference does not survive "
+SYMBOL_LEGEND = ("▲/▼ higher/lower than the baseline, significant after Holm's correction over the study's "
+                 "exploratory comparisons; △/▽ the 95% interval excludes 0 but the difference does not survive "
                  "the correction (a lead, not a finding); · the interval includes 0; = identical on every seed; "
                  "– fewer than 2 paired seeds.")
 
@@ -63,10 +64,6 @@ def label(metric: str, desc: dict) -> str:
 def scale(metric: str) -> float:
     """Factor from the stored value (or difference) to the printed one: ratios -> percent (points)."""
     return 100.0 if is_penalty(metric) else 1.0
-
-
-def zero_by_construction(metric: str, variant: str) -> bool:
-    return metric == MASS_METRIC and variant in CANNOT_LEAVE_MASS
 
 
 def _near_zero(*xs: float | None) -> bool:
@@ -132,6 +129,9 @@ def effect_cell(metric: str, c: dict) -> str:
     """A paired difference to the baseline, "diff [lo, hi] symbol", in the report's units."""
     if zero_by_construction(metric, c["a"]) and zero_by_construction(metric, c["b"]):
         return "0 (by construction) ="
+    if c.get("family") == "structural":  # the baseline's (or the variant's) value is 0 by definition: not tested
+        m = c.get("diff_mean")
+        return f"{fmt_signed(m * scale(metric)) if m is not None else 'n/a'} (structural)"
     m, lo, hi = c.get("diff_mean"), c.get("ci95_low"), c.get("ci95_high")
     if m is None:
         return f"n/a {SYMBOLS['na']}"

@@ -103,17 +103,54 @@ def _comparisons(results: dict) -> list[tuple]:
     floor = exact_floor_note(n)
     method = ("Differences are variant minus baseline, paired by seed, in the metric's own unit (ratios as "
               "ratios). The interval is the 95% Student-t interval of the per-seed differences; p-values are "
-              "the paired t-test, its Holm adjustment over all the study's comparisons, and the exact "
+              "the paired t-test, its Holm adjustment over the study's exploratory comparisons (the primary "
+              "hypotheses are their own family; structural comparisons are not tested), and the exact "
               "sign-flip permutation test over all 2^n sign patterns (smallest possible two-sided p: 2/2^n"
               + (f"; {floor}" if floor else "") + "). A direction is claimed only when the interval excludes "
               "0, and called a finding only when it survives Holm's correction.")
-    table = ("table", ["metric", "variant", "diff [95% CI]", "n", "t-test p", "Holm p", "exact p", "verdict"],
+    table = ("table", ["metric", "variant", "family", "diff [95% CI]", "n", "t-test p", "Holm p", "exact p",
+                       "verdict"],
              [[metrics.get(c["metric"], {}).get("label", c["metric"]), f"{c['a']} vs {c['b']}",
+               c.get("family", "exploratory"),
                fmt_interval(c["diff_mean"], c.get("ci95_low"), c.get("ci95_high"), signed=True)
                if c.get("diff_mean") is not None else "n/a",
                str(c.get("n")), fmt(c.get("p_value"), 2), fmt(c.get("p_holm"), 2), fmt(c.get("p_exact"), 2),
                c.get("verdict", "")] for c in comps])
     return [("p", method), table]
+
+
+def confirmatory_blocks(results: dict) -> list[tuple]:
+    """The pre-registered hypotheses first: each one's effect [95% CI], its one-sided test's p, Holm p over
+    the primary family, the decision and the seeds; where they were fixed; what the seeds could detect."""
+    conf = results.get("confirmatory")
+    if not conf:
+        return []
+    labels = {k: m.get("label", k) for k, m in (results.get("metrics") or {}).items()}
+    rows = []
+    for h in conf.get("hypotheses", []):
+        effect = (fmt_interval(h["diff_mean"], h.get("ci95_low"), h.get("ci95_high"), signed=True)
+                  if h.get("diff_mean") is not None else "n/a")
+        seeds = h.get("seeds") or []
+        rows.append([h["name"], f"{h['a']} has a {h['direction']} {labels.get(h['metric'], h['metric'])} than "
+                                f"{h['b']}", effect, f"{h['test']}: {fmt(h.get('p'), 2)}"
+                     + (f" (smallest possible {fmt(h['p_min'], 2)})" if h.get("p_min") else ""),
+                     fmt(h.get("p_holm"), 2), h["decision"].upper(),
+                     f"{len(seeds)}: {seeds[0]}..{seeds[-1]}" if seeds else "0"])
+    n_h = len(conf.get("hypotheses", []))
+    power = []
+    for r in conf.get("power") or []:
+        if r.get("sd"):
+            power.append(f"{r['name']}: with {r['n']} seeds and the observed sd {fmt(r['sd'])} of the paired "
+                         f"differences, the one-sided t-test at level {fmt(r['alpha_step'], 2)} detects "
+                         + ", ".join(f"{fmt(e, 3)} with {int(float(k) * 100)}% power" for k, e in r["t"].items()
+                                     if e is not None))
+    return [("h2", "Confirmatory result (pre-registered)"),
+            ("p", f"{n_h} primary hypotheses, fixed before the runs, each decided by its own one-sided test and "
+                  f"Holm's correction over these {n_h} alone at alpha {fmt(conf.get('alpha'))}: confirmed when "
+                  "the Holm p is below alpha; refuted when the 95% interval lies wholly on the other side of 0; "
+                  "otherwise not confirmed. " + (conf.get("preregistration_note") or "")),
+            ("table", ["", "hypothesis", "difference [95% CI]", "p (one-sided)", "Holm p", "decision", "seeds"],
+             rows), *([("ul", power)] if power else [])]
 
 
 def build_document(results: dict, plots: list[tuple[str, str]], forest: tuple[str, str] | None = None
@@ -123,15 +160,19 @@ def build_document(results: dict, plots: list[tuple[str, str]], forest: tuple[st
     `forest` is the forest plot (path, caption), shown right after the answer; `plots` are folded."""
     cfg, metrics, runs = results.get("config", {}), results.get("metrics", {}), results.get("runs", [])
     a = answer(results)
-    blocks: list[tuple] = [("h1", f"quietgpt study: {cfg.get('preset', '?')}"), ("p", _context(results)),
-                           ("h2", "Answer"), ("p", question(results)), ("ul", [a["short"], a["baseline"]])]
+    blocks: list[tuple] = [("h1", f"quietgpt study: {cfg.get('preset', '?')}"), ("p", _context(results))]
+    blocks += confirmatory_blocks(results)
+    blocks += [("h2", "Answer (exploratory)" if results.get("confirmatory") else "Answer"), ("p", question(results)),
+               ("ul", [a["short"], a["baseline"]])]
     if forest:
         blocks.append(("img", *forest))
     blocks += [("h2", "Per fix"), ("ul", [*a["fixes"], *([a["power"]] if a["power"] else [])])]
     header, rows = _effects(results)
-    blocks += [("h2", f"Effects against {cfg.get('baseline')}"),
+    blocks += [("h2", f"Effects against {cfg.get('baseline')} (exploratory)"),
                ("p", "Difference to the baseline (variant - baseline, paired by seed) [95% interval]; "
-                     "quantization penalties in percentage points. " + SYMBOL_LEGEND),
+                     "quantization penalties in percentage points; exploratory: these chose nothing in advance "
+                     "and confirm nothing (a primary hypothesis is decided in the confirmatory result). "
+                     "\"(structural)\": 0 by construction on one side, not tested. " + SYMBOL_LEGEND),
                ("table", header, rows)]
     failed = [r for r in runs if r.get("status") != "ok"]
     if failed:
@@ -142,7 +183,7 @@ def build_document(results: dict, plots: list[tuple[str, str]], forest: tuple[st
             + (f" [{m['paper']}]" if m.get("paper") not in (None, "-") else "") for k, m in metrics.items()]
     blocks += [("details", "Setup", [("ul", _setup(results))]),
                ("details", "Summary: mean [95% CI] over seeds, per variant", _summary(results)),
-               ("details", "Every comparison in full: p-values and verdicts", _comparisons(results)),
+               ("details", "Every comparison in full: p-values and verdicts (exploratory)", _comparisons(results)),
                ("details", f"Figures ({len(plots)}): " + ", ".join(Path(p).stem.replace("_", " ") for p, _ in plots),
                 [("img", p, c) for p, c in plots]),
                ("details", "Definitions", [("ul", defs)])]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from quietgpt.errors import ConfigError, QuietError
 from quietgpt.study.launch import StudyInterrupted, StudyProgress, auto_jobs, run_here, run_pool, run_submitit
+from quietgpt.study.preregistration import record
 from quietgpt.study.results import collect, machine_info
 from quietgpt.study.run import execute_run, failed_row, finished, run_name, run_row
 from quietgpt.study.spec import StudySpec, differences, resolve_spec
@@ -40,7 +41,8 @@ def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequenc
               seeds: int | None = None, baseline: str | None = None, data: str | None = None,
               device: str | None = None, overrides: dict | None = None, quant: Sequence[str] | None = None,
               optimizers: Sequence[str] | None = None, jobs: int | None = None, launcher: str = "local",
-              force: bool = False, progress: bool = True, sensitivity: Sequence[str] | None = None) -> dict:
+              force: bool = False, progress: bool = True, sensitivity: Sequence[str] | None = None,
+              seed_start: int | None = None) -> dict:
     """Train and measure every (variant, seed) run not already finished, then write results and report.
 
     preset: a study preset name or a TOML file (spec.py). jobs: runs at a time; None = auto (launch.py).
@@ -54,7 +56,8 @@ def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequenc
         raise ConfigError(f"--launcher must be local or slurm, got {launcher!r}")
     study_dir = Path(out_dir)
     spec = resolve_spec(preset, variants=variants, seeds=seeds, baseline=baseline, data=data, device=device,
-                        overrides=overrides, quant=quant, optimizers=optimizers, sensitivity=sensitivity)
+                        overrides=overrides, quant=quant, optimizers=optimizers, sensitivity=sensitivity,
+                        seed_start=seed_start)
     if launcher != "slurm":
         # A device this machine lacks, or data that cannot be read, is one error now rather than one failed
         # run per pair; and preparing the data once here means the runs (maybe in parallel) only read it.
@@ -75,19 +78,29 @@ def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequenc
 
 
 def _check_same_study(study_dir: Path, spec: StudySpec, force: bool) -> None:
-    """Refuse a folder that holds a study with another config (unless force); then record this one."""
+    """Refuse a folder that holds a study with another config (unless force) or other primary hypotheses
+    (even with force); then record this one, with the hypotheses' pre-registration record kept from the
+    study's first start."""
     spec_path = study_dir / "study.json"
-    if spec_path.is_file() and not force:
+    old: dict = {}
+    if spec_path.is_file():
         try:
             old = json.loads(spec_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = {}
+    if old and old.get("hypotheses_hash") != spec.hypotheses_hash:
+        raise QuietError(f"{study_dir} holds a study with other primary hypotheses; a pre-registered hypothesis "
+                         "cannot change once its runs exist: choose another --out for the new hypotheses")
+    if old and not force:
         diff = differences(old, spec.to_dict())
         if diff:
             shown = ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
             raise QuietError(f"{study_dir} holds a study with another config (differs in {shown}); rerun with "
                              "the same options, choose another --out, or pass --force to redo changed runs")
-    atomic_write_json(spec_path, spec.to_dict())
+    doc = spec.to_dict()
+    if spec.hypotheses_hash:
+        doc["preregistration"] = old.get("preregistration") or record(spec.hypotheses_hash, spec.source)
+    atomic_write_json(spec_path, doc)
 
 
 def _run_locked(study_dir: Path, spec: StudySpec, *, jobs: int | None, launcher: str, force: bool,

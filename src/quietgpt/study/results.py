@@ -24,11 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from quietgpt.errors import QuietError
-from quietgpt.measurement.registry import Metric, auc_metrics, number, trajectory_metrics
+from quietgpt.measurement.registry import Metric, auc_metrics, number, trajectory_metrics, zero_by_construction
 from quietgpt.quant.simulated import group_order
 from quietgpt.quant.spec import parse_quant_list
-from quietgpt.stats import compare, fmt, paired, summarize
+from quietgpt.stats import compare, confirm, fmt, paired, summarize
+from quietgpt.study.power import power_table
 from quietgpt.study.predictors import PREDICTORS, TRAJECTORY_PREDICTORS, predictor_table, trajectory_table
+from quietgpt.study.preregistration import describe
 from quietgpt.study.run import failed_row, run_config_record, run_name
 from quietgpt.study.spec import StudySpec, same_record
 from quietgpt.utils.atomic import atomic_write_json, atomic_write_text
@@ -107,8 +109,17 @@ def collect(study_dir: str | Path, spec: StudySpec | None = None, extra_rows: di
         "runs": rows,
         "summary": summarize(rows, list(metrics), spec.arms),
         "comparisons": compare(rows, [k for k, m in metrics.items() if m.compared], spec.arms, spec.baseline_arm,
-                               {k: m.label for k, m in metrics.items()}),
+                               {k: m.label for k, m in metrics.items()},
+                               primary=[(h.metric, h.variant) for h in spec.primary], structural=zero_by_construction),
     }
+    if spec.primary:
+        prereg = (_read(study_dir / "study.json") or {}).get("preregistration")
+        first = min((r["started_at"] for r in rows if r.get("started_at")), default=None)
+        results["confirmatory"] = {"alpha": spec.alpha, "hypotheses_hash": spec.hypotheses_hash,
+                                   "hypotheses": confirm(rows, spec.primary, spec.baseline_arm, spec.alpha),
+                                   "preregistration": prereg, "first_run_started": first,
+                                   "preregistration_note": describe(prereg, first),
+                                   "power": power_table(spec, rows)}
     if aucs:
         results["trajectories"] = trajectory_summary(spec, trajs)
     if spec.sensitivity:

@@ -139,6 +139,21 @@ def _measure(spec: StudySpec, cfg, run_dir: Path) -> tuple[dict, np.ndarray]:
     return ev, attention_sample(model, dataset.val)
 
 
+def _first_start(run_dir: Path, now: float) -> float:
+    """When this run first started (unix time), kept in started.json across interruptions and re-measures, so
+    that the report can check it against the commit that fixed the study's hypotheses."""
+    path = run_dir / "started.json"
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["started_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return now
+
+
+def _note_start(run_dir: Path, started: float) -> None:
+    if not (run_dir / "started.json").is_file():
+        atomic_write_json(run_dir / "started.json", {"started_at": started})
+
+
 def execute_run(spec: StudySpec, variant: str, seed: int, study_dir: str, threads: int = 0,
                 progress: bool = False) -> dict:
     """Train and measure one (variant, seed) run; write eval.json, attn_sample.npz and result.json.
@@ -149,7 +164,7 @@ def execute_run(spec: StudySpec, variant: str, seed: int, study_dir: str, thread
     name = run_name(variant, seed)
     run_dir = Path(study_dir) / "runs" / name
     rel = f"runs/{name}"
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     try:
         if threads > 0:
             import torch
@@ -157,6 +172,8 @@ def execute_run(spec: StudySpec, variant: str, seed: int, study_dir: str, thread
             torch.set_num_threads(threads)
         cfg = spec.run_config(variant, seed, run_dir)
         summary = _train(cfg, run_dir, progress)
+        started = _first_start(run_dir, started)  # an earlier start of this run (interrupted, or re-measured)
+        _note_start(run_dir, started)
         ev, sample = _measure(spec, cfg, run_dir)
         atomic_write_json(run_dir / "eval.json", ev)
 
@@ -166,6 +183,7 @@ def execute_run(spec: StudySpec, variant: str, seed: int, study_dir: str, thread
 
         atomic_write(run_dir / "attn_sample.npz", write_npz)
         row = run_row(variant, seed, summary, ev, spec.metrics, rel, time.perf_counter() - t0)
+        row["started_at"] = started  # unix time: the report checks it against the hypotheses' commit
         if spec.optimizers:  # `variant` is the arm "variant+optimizer": keep its two parts as columns too
             row["attention"], row["optimizer"] = spec.arm_parts(variant)
     except Exception as e:  # a failed run is recorded with its error, never dropped

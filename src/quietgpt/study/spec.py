@@ -8,7 +8,10 @@ frozen, and `to_dict()` is what study.json records (a rerun compares it to refus
 
 from __future__ import annotations
 
+import difflib
 import functools
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,6 +19,7 @@ from pathlib import Path
 from quietgpt.config import (
     SECTIONS,
     DataConfig,
+    Hypothesis,
     RunConfig,
     StudyConfig,
     TrainConfig,
@@ -30,7 +34,8 @@ from quietgpt.nn.variants import VARIANT_FIELDS
 from quietgpt.presets import read_toml, study_preset_names, study_preset_text, tomllib
 
 MEASURE_KEYS = ("quant", "n_sequences", "calib_batches", "eval_tokens", "sensitivity")
-COMPARED_KEYS = ("variants", "optimizers", "variant_options", "seeds", *MEASURE_KEYS, "run")  # change results
+COMPARED_KEYS = ("variants", "optimizers", "variant_options", "seeds", *MEASURE_KEYS, "run", "primary",
+                 "alpha")  # change results
 PER_RUN_KEYS = ("model.attention", "train.seed", "train.out_dir")  # set by the study for each run
 
 
@@ -54,9 +59,20 @@ class StudySpec:
     # options that belong to one variant ("model.gate_mode": "headwise"): set on that variant's runs only
     variant_options: Mapping[str, str] = field(default_factory=dict)
     sensitivity: tuple[str, ...] = ()  # quant configs also measured one tensor group at a time
+    alpha: float = 0.05  # family-wise error rate of each Holm family
+    primary: tuple[Hypothesis, ...] = ()  # the pre-registered hypotheses; every other comparison is exploratory
+    source: str | None = None  # the study TOML file (a shipped preset's file in the package), for the record
 
     def __post_init__(self) -> None:
         check_baseline(self.baseline, self.variants)
+
+    @property
+    def hypotheses_hash(self) -> str | None:
+        """sha256 of the primary hypotheses and alpha (canonical JSON): what a pre-registration fixes."""
+        if not self.primary:
+            return None
+        doc = json.dumps({"alpha": self.alpha, "primary": [h.to_dict() for h in self.primary]}, sort_keys=True)
+        return hashlib.sha256(doc.encode()).hexdigest()
 
     # An arm is what one column of the report compares: an attention variant, or, when the study crosses
     # variants with optimizers, "variant+optimizer". Rows, run folders and statistics are keyed by arm.
@@ -106,7 +122,9 @@ class StudySpec:
                 "eval_tokens": self.eval_tokens, "overrides": dict(self.overrides), "run": run,
                 "baseline": self.baseline, "optimizers": list(self.optimizers), "arms": list(self.arms),
                 "baseline_arm": self.baseline_arm, "variant_options": dict(self.variant_options),
-                "sensitivity": list(self.sensitivity)}
+                "sensitivity": list(self.sensitivity), "alpha": self.alpha,
+                "primary": [h.to_dict() for h in self.primary], "hypotheses_hash": self.hypotheses_hash,
+                "source": self.source}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> StudySpec:
@@ -122,7 +140,8 @@ class StudySpec:
                        run=RunConfig.from_dict(run), overrides=dict(d.get("overrides") or {}),
                        optimizers=tuple(d.get("optimizers") or ()),
                        variant_options=dict(d.get("variant_options") or {}),
-                       sensitivity=tuple(d.get("sensitivity") or ()))
+                       sensitivity=tuple(d.get("sensitivity") or ()), alpha=float(d.get("alpha", 0.05)),
+                       primary=tuple(Hypothesis(**h) for h in d.get("primary") or ()), source=d.get("source"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"not a study config ({type(e).__name__}: {e}); rerun `quietgpt study`") from None
 
@@ -140,7 +159,7 @@ def differences(old: Mapping, new: Mapping) -> list[str]:
 @functools.cache
 def _defaults() -> dict:
     return {**_flat({"model": GPTConfig().to_dict(), "data": asdict(DataConfig()), "train": asdict(TrainConfig())}),
-            "optimizers": [], "sensitivity": [], "measure.sensitivity": []}
+            "optimizers": [], "sensitivity": [], "measure.sensitivity": [], "primary": [], "alpha": 0.05}
 
 
 def _new_default(key: str, old: Mapping, new: Mapping, prefix: str) -> bool:
@@ -168,6 +187,15 @@ def _flat(d, prefix: str = "") -> dict:
 
 
 # ----------------------------------------------------------------------------- from a TOML file
+
+
+def _study_source(preset: str) -> str | None:
+    """The file a study preset name or path reads (a shipped preset's file inside the package)."""
+    if preset in study_preset_names():
+        from importlib import resources
+
+        return str(resources.files("quietgpt.presets.studies").joinpath(f"{preset}.toml"))
+    return str(Path(preset).resolve()) if Path(preset).is_file() else None
 
 
 def _study_doc(preset: str) -> tuple[dict, str]:
@@ -203,7 +231,8 @@ def _split_variant_options(tables: dict, cli: dict, variants: Sequence[str]) -> 
 def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = None, seeds: int | None = None,
                  baseline: str | None = None, data: str | None = None, device: str | None = None,
                  overrides: Mapping | None = None, quant: Sequence[str] | None = None,
-                 optimizers: Sequence[str] | None = None, sensitivity: Sequence[str] | None = None) -> StudySpec:
+                 optimizers: Sequence[str] | None = None, sensitivity: Sequence[str] | None = None,
+                 seed_start: int | None = None) -> StudySpec:
     """The study `preset` (name or TOML path) with the caller's choices on top; every bad value is a
     one-line ConfigError naming it."""
     from quietgpt.nn.variants import check_variant
@@ -217,7 +246,8 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
     given = {k: v for k, v in {"variants": variants, "seeds": seeds, "baseline": baseline, "optimizers": optimizers,
                                "quant": None if quant is None else list(quant),
-                               "sensitivity": None if sensitivity is None else list(sensitivity)}.items()
+                               "sensitivity": None if sensitivity is None else list(sensitivity),
+                               "seed_start": seed_start}.items()
              if v is not None}
     for v in variants or doc.get("study", {}).get("variants") or ():  # a bad name first, then the baseline check
         check_variant(v)
@@ -239,9 +269,28 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
     sens = tuple(c.name for c in parse_quant_list(list(sc.sensitivity)))
     if any(c.kind != "simulated" for c in parse_quant_list(list(sens))):
         raise ConfigError("study.sensitivity takes simulated quant configs (w<bits>a<bits>...), not int8-dynamic")
-    return StudySpec(preset=name, description=sc.description, train_preset=base, variants=sc.variants,
-                     seeds=tuple(range(sc.seeds)), baseline=sc.baseline, quant=qs, n_sequences=sc.n_sequences,
+    spec = StudySpec(preset=name, description=sc.description, train_preset=base, variants=sc.variants,
+                     seeds=tuple(range(sc.seed_start, sc.seed_start + sc.seeds)), baseline=sc.baseline, quant=qs,
+                     n_sequences=sc.n_sequences,
                      calib_batches=sc.calib_batches, eval_tokens=sc.eval_tokens or None,
                      run=replace(run, train=replace(run.train, out_dir=".")),
                      overrides={**_flat_str(tables), **cli, **vopts}, optimizers=sc.optimizers,
-                     variant_options=vopts, sensitivity=sens)
+                     variant_options=vopts, sensitivity=sens, alpha=sc.alpha, primary=sc.primary,
+                     source=_study_source(preset))
+    check_hypotheses(spec)
+    return spec
+
+
+def check_hypotheses(spec: StudySpec) -> None:
+    """Each primary hypothesis names a metric the study compares (its penalty's quant config in the sweep) and an
+    arm other than the baseline; a one-line ConfigError otherwise."""
+    compared = [k for k, m in spec.metrics.items() if m.compared]
+    for h in spec.primary:
+        if h.metric not in compared:
+            close = difflib.get_close_matches(h.metric, compared, n=1)
+            raise ConfigError(f"study.primary {h.name}: metric {h.metric!r} is not one the study compares" + (
+                f" (did you mean {close[0]}?)" if close else "") + "; a penalty needs its config in study.quant")
+        if h.variant not in spec.arms or h.variant == spec.baseline_arm:
+            others = [a for a in spec.arms if a != spec.baseline_arm]
+            raise ConfigError(f"study.primary {h.name}: variant {h.variant!r} must be one of the arms compared with "
+                              f"the baseline ({', '.join(others)})")
