@@ -456,3 +456,31 @@ def test_every_variant_option_has_one_owner_table():
         with pytest.raises(ConfigError, match=f"model.{name} belongs to attention '{owner}'"):
             M.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11, attention=other,
                         **{name: non_default[name]})
+
+
+@pytest.mark.parametrize("variant", ["sink", "kvbias"])
+@pytest.mark.parametrize("T", [37, K.KV_PREFIX_MAX_T_CPU + 3])  # kvbias: the prefix path, then the LSE path
+@pytest.mark.parametrize("path", ["auto", "reference"])
+def test_per_row_parameters_equal_one_call_per_row(variant, T, path):
+    """An ensemble runs its members as batch rows of one call, each row with its own sink logits or key/value
+    bias ((B, H, 1) / (B, H, D)): values and every gradient equal B separate calls with shared (H, ...)
+    parameters, in float64, on each path."""
+    B, H, D = 3, 2, 8
+    q, k, v = make_qkv(B, H, T, D, dtype=torch.float64, seed=3)
+    g = torch.Generator().manual_seed(4)
+    if variant == "sink":
+        params = [torch.randn(B, H, dtype=torch.float64, generator=g).requires_grad_()]
+        rows = lambda i: {"sink_logit": params[0][i]}
+        joint = {"sink_logit": params[0].unsqueeze(-1)}
+    else:
+        params = [torch.randn(B, H, D, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2)]
+        rows = lambda i: {"kv_bias": (params[0][i], params[1][i])}
+        joint = {"kv_bias": tuple(params)}
+    out = attention(q, k, v, variant, path=path, **joint)
+    each = torch.cat([attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], variant, path=path, **rows(i))
+                      for i in range(B)])
+    assert torch.allclose(out, each, atol=1e-12)
+    grad = torch.randn_like(out)
+    inputs = [q, k, v, *params]
+    for a, b in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(each, inputs, grad)):
+        assert torch.allclose(a, b, atol=1e-11)

@@ -11,6 +11,7 @@ import argparse
 import functools
 import os
 import sys
+from pathlib import Path
 
 from quietgpt.errors import QuietError
 from quietgpt.utils.version import __version__
@@ -160,6 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from quietgpt.config import load_config
     from quietgpt.training.loop import train
 
+    if args.seeds is not None:
+        return _train_seeds(args)
     if args.resume and args.preset is None:
         from quietgpt.runs import checkpoint
 
@@ -178,6 +181,35 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"train loss {summary['train_loss']:.4f}, {summary['iters']} iters, "
               f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, {summary['wall_s']:.1f} s -> {cfg.train.out_dir}")
     return 0
+
+
+def _train_seeds(args: argparse.Namespace) -> int:
+    """`train --seeds 0-9`: every seed as one ensemble member, each in --out/s<seed> (training/ensemble.py);
+    --resume continues each member folder that holds a resume point."""
+    from quietgpt.training.checkpointer import has_checkpoint
+    from quietgpt.training.ensemble import MemberFailed, ensemble_configs, parse_seeds, train_ensemble
+
+    if args.seed is not None:
+        raise QuietError("pass either --seed (one run) or --seeds (an ensemble of runs), not both")
+    seeds = parse_seeds(args.seeds)
+    base = _run_config(args, args.preset or "default")
+    cfgs = ensemble_configs(base, seeds, base.train.out_dir)
+    resume = [bool(args.resume) and has_checkpoint(Path(c.train.out_dir)) for c in cfgs]
+    results = train_ensemble(cfgs, resume=resume, progress=True)
+    failed = 0
+    for cfg, r in zip(cfgs, results, strict=True):
+        if isinstance(r, MemberFailed):
+            failed += 1
+            print(f"seed {r.seed}: FAILED: {r.error}")
+        else:
+            print(f"seed {cfg.train.seed}: val loss {r['val_loss']:.4f} (best {r['best_val_loss']:.4f}), "
+                  f"{r['tokens_per_s'] or 0:,.0f} tokens/s, {r['wall_s']:.1f} s -> {cfg.train.out_dir}")
+    print(f"ensemble of {len(cfgs)}: peak memory {results_peak(results) / 2**20:.0f} MiB")
+    return 2 if failed else 0
+
+
+def results_peak(results: list) -> float:
+    return max((r.get("peak_memory_bytes") or 0 for r in results if isinstance(r, dict)), default=0)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -292,7 +324,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                         quant=None if args.quant is None else [q for q in args.quant.split(",") if q.strip()],
                         sensitivity=None if args.sensitivity is None else
                         [q for q in args.sensitivity.split(",") if q.strip()],
-                        launcher=args.launcher, force=args.force, progress=True, seed_start=args.seed_start)
+                        launcher=args.launcher, force=args.force, progress=True, seed_start=args.seed_start,
+                        ensemble=True if args.ensemble else None)
     _print_study(results, args.out)
     return 0
 
@@ -355,6 +388,8 @@ def _add_study(verb) -> None:
     p.add_argument("--seeds", type=int, help="number of seeds (default: the study preset's)")
     p.add_argument("--seed-start", type=int, help="the first seed; fresh seeds for a replication (default: the "
                    "study preset's, 0)")
+    p.add_argument("--ensemble", action="store_true", help="train each arm's seeds as one batched ensemble in one "
+                   "process (the same runs; faster for small models; default: the study preset's)")
     p.add_argument("--plan", action="store_true", help="print what the study's seeds can detect (the exact test's "
                    "smallest p; per primary hypothesis the effect detectable with 80%% and 90%% power) and stop")
     p.add_argument("--baseline", help="the variant the others are compared with (default: the study preset's, "
@@ -410,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, summary.json) (default: the preset's "
                                  "train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out")
+    p.add_argument("--seeds", metavar="SEEDS", help="train several seeds (e.g. 0-9 or 0,3,7) as one batched ensemble "
+                   "in one process, each in --out/s<seed>, each the run that seed would be alone")
     p.add_argument("--init", metavar="hf:NAME_OR_PATH",
                    help="start from a pretrained Hugging Face GPT-2 (a save_pretrained folder or a hub name) with "
                         "--attention swapped in: its architecture replaces the preset's, text goes through its GPT-2 "

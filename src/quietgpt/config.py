@@ -379,6 +379,7 @@ class StudyConfig:
     seed_start: int = 0  # the first seed: a replication draws fresh seeds seed_start .. seed_start + seeds - 1
     alpha: float = 0.05  # family-wise error rate of each Holm family (the primary hypotheses; the exploratory rest)
     primary: tuple[Hypothesis, ...] = ()  # pre-registered hypotheses ([[study.primary]]); the rest is exploratory
+    ensemble: bool = False  # train each arm's seeds as one batched ensemble (training/ensemble.py), not one by one
 
     @classmethod
     def from_dict(cls, table: dict, where: str = "[study]") -> StudyConfig:

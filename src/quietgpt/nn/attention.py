@@ -67,8 +67,9 @@ def reference_attention(
 
     `probs_hook`, if given, sees (and may replace) the (B, H, T, T) weights before dropout. `param` is the
     variant's per-call constant (Variant.param: sigmoid's b, softpick's eps). `kv_bias` = (k' (H, D),
-    v' (H, Dv)) makes it attention over [k'; keys], [v'; values] ("kvbias"): the hook sees the weights on
-    the real keys only, whose rows then sum to 1 - the weight on k'.
+    v' (H, Dv)), or one pair per batch row ((B, H, D), (B, H, Dv)), makes it attention over [k'; keys],
+    [v'; values] ("kvbias"): the hook sees the weights on the real keys only, whose rows then sum to 1 - the
+    weight on k'. A sink's log_n may likewise be (B, H, 1), one per batch row.
     """
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -92,7 +93,7 @@ def reference_attention(
         p_bias = F.dropout(p_bias, p=dropout_p, training=True) if p_bias is not None else None
     out = probs @ v.to(cd)
     if p_bias is not None:
-        out = out + p_bias * kv_bias[1].to(cd).unsqueeze(1)  # (B, H, T, 1) x (H, 1, Dv)
+        out = out + p_bias * kv_bias[1].to(cd).unsqueeze(-2)  # (B, H, T, 1) x (H, 1, Dv) or (B, H, 1, Dv)
     return out.to(q.dtype)
 
 

@@ -263,18 +263,19 @@ def _kv_adjust(out: Tensor, lse: Tensor, q: Tensor, k_b: Tensor, v_b: Tensor, sc
     """(out', LSE', p') for the key/value bias: with s' = scale q.k' the bias key's logit per query,
     LSE' = logaddexp(LSE, s'), p' = exp(s' - LSE') its weight and out' = out exp(LSE - LSE') + p' v'."""
     cd = lse.dtype
-    s_b = torch.linalg.vecdot(q.to(cd), k_b.to(cd).unsqueeze(1)) * scale
+    s_b = torch.linalg.vecdot(q.to(cd), k_b.to(cd).unsqueeze(-2)) * scale
     lse_adj = torch.logaddexp(lse, s_b)
     p_b = torch.exp(s_b - lse_adj)
     keep = torch.exp(lse - lse_adj).unsqueeze(-1)
     # out * keep + p' v' (a rank-one term per head), in the compute dtype
-    out_adj = torch.addcmul(out.to(cd) * keep, p_b.unsqueeze(-1), v_b.to(cd).unsqueeze(1)).to(out.dtype)
+    out_adj = torch.addcmul(out.to(cd) * keep, p_b.unsqueeze(-1), v_b.to(cd).unsqueeze(-2)).to(out.dtype)
     return out_adj, lse_adj, p_b
 
 
 class _KVBiasLSEAttention(torch.autograd.Function):
     """Softmax attention over [k'; keys], [v'; values] from a fused kernel's output and LSE; exact forward
-    and backward (the module docstring derives both). k_b, v_b: (H, D) and (H, Dv)."""
+    and backward (the module docstring derives both). k_b, v_b: (H, D) and (H, Dv) shared by every batch row,
+    or (B, H, D) and (B, H, Dv), one per row (an ensemble's members)."""
 
     @staticmethod
     def forward(ctx, q, k, v, k_b, v_b, is_causal, scale, kern):
@@ -291,10 +292,11 @@ class _KVBiasLSEAttention(torch.autograd.Function):
         cd = p_b.dtype
         gc = g.to(cd)
         rowsum = torch.linalg.vecdot(gc, out_adj.to(cd))  # the full row's rowsum(dO * O), as the kernel's
-        ds_b = p_b * (torch.linalg.vecdot(gc, v_b.to(cd).unsqueeze(1)) - rowsum)
-        dq = dq.addcmul_(ds_b.unsqueeze(-1).to(dq.dtype), k_b.to(dq.dtype).unsqueeze(1), value=ctx.scale)
-        dk_b = (ctx.scale * (ds_b.unsqueeze(-2) @ q.to(cd)).sum(0).squeeze(-2)).to(k_b.dtype)
-        dv_b = (p_b.unsqueeze(-2) @ gc).sum(0).squeeze(-2).to(v_b.dtype)
+        ds_b = p_b * (torch.linalg.vecdot(gc, v_b.to(cd).unsqueeze(-2)) - rowsum)
+        dq = dq.addcmul_(ds_b.unsqueeze(-1).to(dq.dtype), k_b.to(dq.dtype).unsqueeze(-2), value=ctx.scale)
+        # per row (B, H, D), then summed over the rows a shared (H, D) bias serves
+        dk_b = (ctx.scale * (ds_b.unsqueeze(-2) @ q.to(cd)).squeeze(-2)).sum_to_size(k_b.shape).to(k_b.dtype)
+        dv_b = (p_b.unsqueeze(-2) @ gc).squeeze(-2).sum_to_size(v_b.shape).to(v_b.dtype)
         return dq, dk, dv, dk_b, dv_b, None, None, None
 
 
@@ -309,8 +311,8 @@ def _kv_prefix_attention(q, k, v, k_b: Tensor, v_b: Tensor, is_causal: bool, sca
                          dropout_p: float) -> Tensor:
     """SDPA over [k'; keys] and [v'; values]: the key/value bias as Sun et al.'s code computes it."""
     B, H, T, _ = q.shape
-    k_aug = torch.cat([k_b.to(k.dtype).unsqueeze(1).expand(B, H, 1, -1), k], dim=2)
-    v_aug = torch.cat([v_b.to(v.dtype).unsqueeze(1).expand(B, H, 1, -1), v], dim=2)
+    k_aug = torch.cat([k_b.to(k.dtype).unsqueeze(-2).expand(B, H, 1, -1), k], dim=2)
+    v_aug = torch.cat([v_b.to(v.dtype).unsqueeze(-2).expand(B, H, 1, -1), v], dim=2)
     mask = _prefix_mask(T, k.shape[2], q.device) if is_causal else None
     return F.scaled_dot_product_attention(q, k_aug, v_aug, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
@@ -370,8 +372,8 @@ def kv_bias_path(q: Tensor, dropout_p: float, cuda_kernel: str = "auto") -> str:
 
 def null_attention(path: str, q: Tensor, k: Tensor, v: Tensor, log_n: Tensor | float, is_causal: bool,
                    scale: float, dropout_p: float) -> Tensor:
-    """softmax_n attention with null logit `log_n` (a float, or (H, 1) per head) on `path`, a name
-    `null_path` returned: no second round of support checks."""
+    """softmax_n attention with null logit `log_n` (a float, (H, 1) per head, or (B, H, 1) per batch row and
+    head) on `path`, a name `null_path` returned: no second round of support checks."""
     if path == "prefix":
         ln = log_n if isinstance(log_n, Tensor) else _constant(log_n, q)
         return _prefix_attention(q, k, v, ln, is_causal, scale, dropout_p)
@@ -385,8 +387,9 @@ def null_attention(path: str, q: Tensor, k: Tensor, v: Tensor, log_n: Tensor | f
 
 def kv_bias_attention(path: str, q: Tensor, k: Tensor, v: Tensor, k_b: Tensor, v_b: Tensor, is_causal: bool,
                       scale: float, dropout_p: float) -> Tensor:
-    """Softmax attention over [k'; keys], [v'; values] (k_b (H, D), v_b (H, Dv), learned per head) on
-    `path`, a name `kv_bias_path` returned: an LSE kernel's, or "prefix"."""
+    """Softmax attention over [k'; keys], [v'; values] (k_b (H, D), v_b (H, Dv), learned per head; or
+    (B, H, D), (B, H, Dv), one per batch row) on `path`, a name `kv_bias_path` returned: an LSE kernel's, or
+    "prefix"."""
     if path == "prefix":
         return _kv_prefix_attention(q, k, v, k_b, v_b, is_causal, scale, dropout_p)
     kern = _KERNEL_NAMED[path]

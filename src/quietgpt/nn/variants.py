@@ -160,6 +160,8 @@ KV_BIAS = FastPath(choose=kv_bias_path, run=_kv_run)  # the LSE kernels with a p
 def _sink_logit(n: float, sink_logit: Tensor | None) -> Tensor:
     if sink_logit is None:
         raise ConfigError("attention variant 'sink' needs sink_logit, a tensor of one logit per head")
+    if sink_logit.dim() == 3:  # (B, H, 1): one logit per batch row and head (an ensemble's members)
+        return sink_logit
     return sink_logit.reshape(-1, 1)  # (H, 1): broadcasts over (B, H, T)
 
 
@@ -208,7 +210,8 @@ def variant_spec(variant: str) -> Variant:
 
 def null_log_n(variant: str, n: float = 1.0, sink_logit: Tensor | None = None) -> Tensor | float | None:
     """The null entry's logit for `variant`: 0 for softmax1, log n for softmax_n, b_h (as (H, 1) so it
-    broadcasts over (B, H, T)) for sink, None for variants without one."""
+    broadcasts over (B, H, T); a (B, H, 1) sink_logit stays as it is) for sink, None for variants without
+    one."""
     spec = VARIANT_SPECS.get(variant)
     if spec is None or spec.null_logit is None:
         return None

@@ -42,13 +42,20 @@ ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", 
 # ----------------------------------------------------------------------------- saving
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """t on the CPU in a storage of its own: an ensemble member's weights are views of the stacked tensors, and
+    torch.save (safetensors too) would otherwise write, or refuse, the whole shared storage."""
+    t = t.detach().to("cpu")
+    return t.clone() if t.untyped_storage().nbytes() != t.nbytes or t.storage_offset() else t.contiguous()
+
+
 def _weights(model: GPT) -> dict[str, torch.Tensor]:
     """The state dict as safetensors wants it: contiguous CPU tensors, each storage once."""
     sd = model.state_dict()
     for tied, kept in TIED.items():
         if tied in sd and kept in sd and sd[tied].data_ptr() == sd[kept].data_ptr():
             del sd[tied]
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    return {k: _own(v) for k, v in sd.items()}
 
 
 def save_checkpoint(out_dir, model: GPT, cfg: RunConfig, train_state: dict | None = None, *,
@@ -70,7 +77,7 @@ def save_checkpoint(out_dir, model: GPT, cfg: RunConfig, train_state: dict | Non
     extras = json.loads(json.dumps(extras or {}, default=float))
     if train_state is not None and not best and write_state:
         state.update(format_version=FORMAT_VERSION, config=cfg.to_dict(), extras=dict(extras),
-                     model={k: v.detach().to("cpu") for k, v in model.state_dict().items()})
+                     model={k: _own(v) for k, v in model.state_dict().items()})
         atomic_write(folder / STATE, lambda tmp: torch.save(state, tmp))
     tensors = _weights(model)
     meta = {"format": "quietgpt", "format_version": str(FORMAT_VERSION), "iter": str(it), "step_id": step_id}

@@ -42,7 +42,7 @@ def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequenc
               device: str | None = None, overrides: dict | None = None, quant: Sequence[str] | None = None,
               optimizers: Sequence[str] | None = None, jobs: int | None = None, launcher: str = "local",
               force: bool = False, progress: bool = True, sensitivity: Sequence[str] | None = None,
-              seed_start: int | None = None) -> dict:
+              seed_start: int | None = None, ensemble: bool | None = None) -> dict:
     """Train and measure every (variant, seed) run not already finished, then write results and report.
 
     preset: a study preset name or a TOML file (spec.py). jobs: runs at a time; None = auto (launch.py).
@@ -57,7 +57,9 @@ def run_study(out_dir: str | Path, preset: str = "default", *, variants: Sequenc
     study_dir = Path(out_dir)
     spec = resolve_spec(preset, variants=variants, seeds=seeds, baseline=baseline, data=data, device=device,
                         overrides=overrides, quant=quant, optimizers=optimizers, sensitivity=sensitivity,
-                        seed_start=seed_start)
+                        seed_start=seed_start, ensemble=ensemble)
+    if spec.ensemble and launcher != "local":
+        raise ConfigError("study.ensemble runs on the local launcher only; drop --launcher slurm or the ensemble")
     if launcher != "slurm":
         # A device this machine lacks, or data that cannot be read, is one error now rather than one failed
         # run per pair; and preparing the data once here means the runs (maybe in parallel) only read it.

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from quietgpt.errors import QuietError
-from quietgpt.study.run import execute_run, failed_row, run_name
+from quietgpt.study.run import execute_ensemble, execute_run, failed_row, run_name
 from quietgpt.study.spec import StudySpec
 from quietgpt.utils.progress import Progress
 
@@ -53,7 +53,21 @@ def _init_worker(threads: int, gpu_queue, parent: int) -> None:
 
 
 def _pool_run(spec, variant, seed, study_dir):
-    return execute_run(spec, variant, seed, study_dir, threads=_WORKER_THREADS, progress=False)
+    """One task in a worker: a run (seed an int), or an arm's seeds as one ensemble (seed a list): its rows."""
+    if isinstance(seed, list):
+        return execute_ensemble(spec, variant, seed, study_dir, threads=_WORKER_THREADS, progress=False)
+    return [execute_run(spec, variant, seed, study_dir, threads=_WORKER_THREADS, progress=False)]
+
+
+def tasks(spec: StudySpec, todo: Sequence[tuple[str, int]]) -> list[tuple[str, int | list[int]]]:
+    """What the launcher schedules: each (arm, seed) on its own, or with study.ensemble each arm's seeds as one
+    task (arm, [seeds]) in the order the arms first appear."""
+    if not spec.ensemble:
+        return list(todo)
+    groups: dict[str, list[int]] = {}
+    for v, s in todo:
+        groups.setdefault(v, []).append(s)
+    return list(groups.items())
 
 
 def gpu_count() -> int:
@@ -80,10 +94,15 @@ def auto_jobs(device: str) -> int:
 
 def run_here(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, on_start: Callable[[str], None],
              on_done: OnDone, progress: bool) -> None:
-    """One run after another in this process."""
-    for v, s in todo:
-        on_start(run_name(v, s))
-        on_done(execute_run(spec, v, s, study_dir, progress=progress))
+    """One run (or, with study.ensemble, one arm's ensemble) after another in this process."""
+    for v, s in tasks(spec, todo):
+        if isinstance(s, list):
+            on_start(f"{v} x {len(s)} seeds (one ensemble)")
+            for row in execute_ensemble(spec, v, s, study_dir, progress=progress):
+                on_done(row)
+        else:
+            on_start(run_name(v, s))
+            on_done(execute_run(spec, v, s, study_dir, progress=progress))
 
 
 def run_pool(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, jobs: int, on_done: OnDone) -> None:
@@ -103,14 +122,16 @@ def run_pool(spec: StudySpec, todo: Sequence[tuple[str, int]], study_dir: str, j
                                initargs=(threads, gpu_queue, os.getpid()))
     try:
         with _sigint_blocked():  # workers spawned now inherit it: Ctrl-C reaches only this process
-            futs = {pool.submit(_pool_run, spec, v, s, study_dir): (v, s) for v, s in todo}
+            futs = {pool.submit(_pool_run, spec, v, s, study_dir): (v, s) for v, s in tasks(spec, todo)}
         for fut in as_completed(futs):
             v, s = futs[fut]
             try:
-                row = fut.result()
-            except Exception as e:  # the worker died (killed, out of memory) before writing its row
-                row = failed_row(v, s, f"runs/{run_name(v, s)}", f"worker died: {type(e).__name__}: {e}")
-            on_done(row)
+                rows = fut.result()
+            except Exception as e:  # the worker died (killed, out of memory) before writing its rows
+                rows = [failed_row(v, x, f"runs/{run_name(v, x)}", f"worker died: {type(e).__name__}: {e}")
+                        for x in (s if isinstance(s, list) else [s])]
+            for row in rows:
+                on_done(row)
     except KeyboardInterrupt:
         # Stop at once: nothing queued starts, running runs are killed. Their folders hold only atomically
         # written files (and stale temporaries the next run's lock removes), so a rerun resumes them.

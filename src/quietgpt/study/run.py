@@ -161,36 +161,97 @@ def execute_run(spec: StudySpec, variant: str, seed: int, study_dir: str, thread
     Never raises for a failing run (an exception becomes a row with status "failed" and the error);
     KeyboardInterrupt still stops it. Returns the row. Runs in this process, a pool worker or a SLURM job.
     """
-    name = run_name(variant, seed)
-    run_dir = Path(study_dir) / "runs" / name
-    rel = f"runs/{name}"
+    run_dir, rel = _folder(study_dir, variant, seed)
     t0, started = time.perf_counter(), time.time()
     try:
-        if threads > 0:
-            import torch
-
-            torch.set_num_threads(threads)
+        _threads(threads)
         cfg = spec.run_config(variant, seed, run_dir)
         summary = _train(cfg, run_dir, progress)
-        started = _first_start(run_dir, started)  # an earlier start of this run (interrupted, or re-measured)
-        _note_start(run_dir, started)
-        ev, sample = _measure(spec, cfg, run_dir)
-        atomic_write_json(run_dir / "eval.json", ev)
-
-        def write_npz(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, probs=sample)
-
-        atomic_write(run_dir / "attn_sample.npz", write_npz)
-        row = run_row(variant, seed, summary, ev, spec.metrics, rel, time.perf_counter() - t0)
-        row["started_at"] = started  # unix time: the report checks it against the hypotheses' commit
-        if spec.optimizers:  # `variant` is the arm "variant+optimizer": keep its two parts as columns too
-            row["attention"], row["optimizer"] = spec.arm_parts(variant)
+        row = _measure_and_row(spec, variant, seed, cfg, run_dir, summary, started, time.perf_counter() - t0)
     except Exception as e:  # a failed run is recorded with its error, never dropped
         row = failed_row(variant, seed, rel, f"{type(e).__name__}: {e}", time.perf_counter() - t0)
+    return _record(spec, variant, seed, run_dir, row)
+
+
+def execute_ensemble(spec: StudySpec, arm: str, seeds: list[int], study_dir: str, threads: int = 0,
+                     progress: bool = False) -> list[dict]:
+    """Train every seed of one arm as one ensemble (training/ensemble.py), then measure each member like a
+    solo run; one row per seed, in `seeds` order. A member folder holding a resume point of the same config
+    continues it; anything else in a member folder is cleared. Each member's wall_s is its share of the
+    ensemble's training time plus its own measurement. Never raises for failing members."""
+    from quietgpt.training.ensemble import MemberFailed, train_ensemble
+
+    folders = [_folder(study_dir, arm, s) for s in seeds]
+    t0, started = time.perf_counter(), time.time()
+    try:
+        _threads(threads)
+        cfgs = [spec.run_config(arm, s, d) for s, (d, _) in zip(seeds, folders, strict=True)]
+        resume = []
+        for cfg, (d, _) in zip(cfgs, folders, strict=True):
+            keep = (d / "train_state.pt").is_file() and _same_config(d, cfg)
+            if not keep and d.exists():
+                shutil.rmtree(d)  # leftovers of an unfinished run (or of another config, with --force)
+            resume.append(keep)
+        results = train_ensemble(cfgs, resume=resume, progress=progress)
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+        return [_record(spec, arm, s, d, failed_row(arm, s, rel, msg, time.perf_counter() - t0))
+                for s, (d, rel) in zip(seeds, folders, strict=True)]
+    share = (time.perf_counter() - t0) / len(seeds)
+    rows = []
+    for s, cfg, (d, rel), res in zip(seeds, cfgs, folders, results, strict=True):
+        t1 = time.perf_counter()
+        try:
+            if isinstance(res, MemberFailed):
+                raise RuntimeError(res.error)
+            row = _measure_and_row(spec, arm, s, cfg, d, res, started, share)
+            row["wall_s"] = share + time.perf_counter() - t1
+            row["ensemble"] = len(seeds)
+        except Exception as e:
+            row = failed_row(arm, s, rel, f"{type(e).__name__}: {e}", share + time.perf_counter() - t1)
+        rows.append(_record(spec, arm, s, d, row))
+    return rows
+
+
+def _folder(study_dir: str, variant: str, seed: int) -> tuple[Path, str]:
+    name = run_name(variant, seed)
+    return Path(study_dir) / "runs" / name, f"runs/{name}"
+
+
+def _threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _measure_and_row(spec: StudySpec, variant: str, seed: int, cfg, run_dir: Path, summary: dict, started: float,
+                     wall_s: float) -> dict:
+    """Measure the trained run in run_dir (eval.json, attn_sample.npz) and make its row."""
+    started = _first_start(run_dir, started)  # an earlier start of this run (interrupted, or re-measured)
+    _note_start(run_dir, started)
+    t0 = time.perf_counter()
+    ev, sample = _measure(spec, cfg, run_dir)
+    atomic_write_json(run_dir / "eval.json", ev)
+
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, probs=sample)
+
+    atomic_write(run_dir / "attn_sample.npz", write_npz)
+    row = run_row(variant, seed, summary, ev, spec.metrics, f"runs/{run_name(variant, seed)}",
+                  wall_s + time.perf_counter() - t0)
+    row["started_at"] = started  # unix time: the report checks it against the hypotheses' commit
+    if spec.optimizers:  # `variant` is the arm "variant+optimizer": keep its two parts as columns too
+        row["attention"], row["optimizer"] = spec.arm_parts(variant)
+    return row
+
+
+def _record(spec: StudySpec, variant: str, seed: int, run_dir: Path, row: dict) -> dict:
+    """Write the row as result.json with the config it was made with; a row that cannot be saved is failed."""
     try:
         atomic_write_json(run_dir / "result.json", {**row, "run_config": run_config_record(spec, variant, seed)})
     except (QuietError, OSError) as e:  # not saved, so not finished: listed as failed and redone next time
-        row = failed_row(variant, seed, rel, f"{row.get('error') or 'the run finished'}; its result.json could "
-                         f"not be written: {e}", row.get("wall_s"))
+        row = failed_row(variant, seed, f"runs/{run_name(variant, seed)}", f"{row.get('error') or 'the run finished'}"
+                         f"; its result.json could not be written: {e}", row.get("wall_s"))
     return row

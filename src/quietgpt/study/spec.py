@@ -62,6 +62,7 @@ class StudySpec:
     alpha: float = 0.05  # family-wise error rate of each Holm family
     primary: tuple[Hypothesis, ...] = ()  # the pre-registered hypotheses; every other comparison is exploratory
     source: str | None = None  # the study TOML file (a shipped preset's file in the package), for the record
+    ensemble: bool = False  # each arm's seeds as one ensemble (the same runs, batched; not a result-changing key)
 
     def __post_init__(self) -> None:
         check_baseline(self.baseline, self.variants)
@@ -124,7 +125,7 @@ class StudySpec:
                 "baseline_arm": self.baseline_arm, "variant_options": dict(self.variant_options),
                 "sensitivity": list(self.sensitivity), "alpha": self.alpha,
                 "primary": [h.to_dict() for h in self.primary], "hypotheses_hash": self.hypotheses_hash,
-                "source": self.source}
+                "source": self.source, "ensemble": self.ensemble}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> StudySpec:
@@ -141,7 +142,8 @@ class StudySpec:
                        optimizers=tuple(d.get("optimizers") or ()),
                        variant_options=dict(d.get("variant_options") or {}),
                        sensitivity=tuple(d.get("sensitivity") or ()), alpha=float(d.get("alpha", 0.05)),
-                       primary=tuple(Hypothesis(**h) for h in d.get("primary") or ()), source=d.get("source"))
+                       primary=tuple(Hypothesis(**h) for h in d.get("primary") or ()), source=d.get("source"),
+                       ensemble=bool(d.get("ensemble", False)))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"not a study config ({type(e).__name__}: {e}); rerun `quietgpt study`") from None
 
@@ -232,7 +234,7 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
                  baseline: str | None = None, data: str | None = None, device: str | None = None,
                  overrides: Mapping | None = None, quant: Sequence[str] | None = None,
                  optimizers: Sequence[str] | None = None, sensitivity: Sequence[str] | None = None,
-                 seed_start: int | None = None) -> StudySpec:
+                 seed_start: int | None = None, ensemble: bool | None = None) -> StudySpec:
     """The study `preset` (name or TOML path) with the caller's choices on top; every bad value is a
     one-line ConfigError naming it."""
     from quietgpt.nn.variants import check_variant
@@ -247,7 +249,7 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
     given = {k: v for k, v in {"variants": variants, "seeds": seeds, "baseline": baseline, "optimizers": optimizers,
                                "quant": None if quant is None else list(quant),
                                "sensitivity": None if sensitivity is None else list(sensitivity),
-                               "seed_start": seed_start}.items()
+                               "seed_start": seed_start, "ensemble": ensemble}.items()
              if v is not None}
     for v in variants or doc.get("study", {}).get("variants") or ():  # a bad name first, then the baseline check
         check_variant(v)
@@ -276,7 +278,7 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
                      run=replace(run, train=replace(run.train, out_dir=".")),
                      overrides={**_flat_str(tables), **cli, **vopts}, optimizers=sc.optimizers,
                      variant_options=vopts, sensitivity=sens, alpha=sc.alpha, primary=sc.primary,
-                     source=_study_source(preset))
+                     source=_study_source(preset), ensemble=sc.ensemble)
     check_hypotheses(spec)
     return spec
 

@@ -26,7 +26,7 @@ from quietgpt.training.optim import build_optimizer
 from quietgpt.utils.device import amp_context
 
 __all__ = ["NonFiniteError", "NonFiniteGuard", "StepParts", "StepResult", "build_step_parts", "check_every_step",
-           "train_step"]
+           "finish_step", "set_lr", "train_step"]
 
 
 class NonFiniteError(QuietError):
@@ -158,9 +158,8 @@ def train_step(parts: StepParts, batches: Sequence[tuple[torch.Tensor, torch.Ten
     device): the gradient of their mean loss (averaged over ranks by DDP), clipped to parts.grad_clip, then
     optimizer.step() (through the GradScaler for fp16) and zeroed gradients. guard judges the step first
     (`it` names it in errors): NonFiniteError, or a skipped step that leaves the weights unchanged."""
-    model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
-    for group in optimizer.param_groups:  # a group's lr_scale: Muon's rate moves with the schedule
-        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
+    model, scaler = parts.model, parts.scaler
+    set_lr(parts.optimizer, lr)  # a group's lr_scale: Muon's rate moves with the schedule
     accum = len(batches)
     loss_sum = torch.zeros((), device=parts.device)
     for k, (x, y) in enumerate(batches):
@@ -172,6 +171,21 @@ def train_step(parts: StepParts, batches: Sequence[tuple[torch.Tensor, torch.Ten
             loss_sum += loss.detach().float()
             loss = loss / accum
             (scaler.scale(loss) if scaler is not None else loss).backward()
+    return finish_step(parts, loss_sum, accum, it=it, guard=guard)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Every param group's rate for this step: lr, times the group's lr_scale (Muon's) where it has one."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
+
+
+def finish_step(parts: StepParts, loss_sum: torch.Tensor, accum: int, *, it: int,
+                guard: NonFiniteGuard) -> StepResult:
+    """The step after the backward passes left their gradients in parts.params: unscale (fp16), clip to
+    parts.grad_clip and measure the norm, let `guard` judge the step, optimizer.step(), zero the gradients.
+    An ensemble (training/ensemble.py) calls it once per member, on that member's parts."""
+    optimizer, scaler = parts.optimizer, parts.scaler
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip and measure the true gradient
     if parts.grad_clip > 0:
