@@ -69,6 +69,12 @@ class Bench:
             return cmd + ["--resume"]  # the run's own config from its checkpoint
         return cmd + ["--seed", str(seed), *_sets(self.overrides)]
 
+    def ensemble_cmd(self, out: Path, seed: int, resume: bool) -> list[str]:
+        """Three seeds as one ensemble (training/ensemble.py), each member in out/s<seed>."""
+        cmd = [sys.executable, "-m", "quietgpt", "train", "--out", str(out), "--seeds", f"{seed}-{seed + 2}",
+               *_sets(self.overrides)]
+        return cmd + (["--resume"] if resume else [])
+
     def study_cmd(self, out: Path) -> list[str]:
         study = [s for s in self.overrides if not s.startswith("train.max_iters")]
         study = [s for s in study if not s.startswith("train.lr_decay_iters")]
@@ -265,6 +271,30 @@ def train_trial(bench: Bench, i: int, rng: random.Random, ref: Path, ref_wall: f
     return _judge(d, {"resume": resume}, rc, err, wall, run, lambda: compare_train(run, ref))
 
 
+def ensemble_trial(bench: Bench, i: int, rng: random.Random, ref: Path, ref_wall: float, seed: int) -> dict:
+    """SIGKILL an ensemble of three seeds (at a random moment or in one of its atomic writes), resume it with
+    its command until done; every member must equal the uninterrupted ensemble's member bit for bit."""
+    out = bench.root / f"trial{i:02d}-ensemble"
+    d = {"trial": i, "kind": "ensemble", "kills": [], "corrupt": [], "resumes": [], "ok": True}
+    for _k in range(rng.choice((1, 2))):
+        in_write = rng.random() < 0.5
+        slow = rng.choice((0.05, 0.2)) if in_write else 0.0
+        resume = any((m / "train_state.pt").exists() for m in out.glob("s*"))
+        cmd = bench.ensemble_cmd(out, seed, resume=resume)
+        if in_write:
+            nth = rng.randint(1, 3 * n_writes(ref / f"s{seed}"))
+            ev = bench.run_and_kill(cmd, out, at=None, slow=slow, nth_write=nth)
+        else:
+            ev = bench.run_and_kill(cmd, out, at=rng.uniform(0.3, ref_wall * 1.1), slow=slow)
+        ev.update(resume=resume, slow=slow, mode="in_write" if in_write else "random")
+        d["kills"].append(ev)
+        d["corrupt"] += check_files(out)
+    rc, err, wall = bench.run(bench.ensemble_cmd(out, seed, resume=True))
+    return _judge(d, {"resume": True}, rc, err, wall, out,
+                  lambda: [f"s{seed + k}: {x}" for k in range(3)
+                           for x in compare_train(out / f"s{seed + k}", ref / f"s{seed + k}")])
+
+
 def _judge(d: dict, info: dict, rc: int, err: str, wall: float, folder: Path, compare) -> dict:
     """Record the final (resuming) run of a trial and decide whether the trial is clean."""
     d["resumes"].append({**info, "rc": rc, "wall_s": round(wall, 2),
@@ -305,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=60, help="training iterations of each train trial")
     ap.add_argument("--eval-interval", type=int, default=10, help="a checkpoint every this many iterations")
     ap.add_argument("--study-every", type=int, default=3, help="every n-th trial kills a study (0: none)")
+    ap.add_argument("--ensemble-every", type=int, default=4, help="every n-th trial kills an ensemble of three "
+                    "seeds (train --seeds; 0: none); a trial that is both is a study")
     ap.add_argument("--keep", help="work folder to keep (default: a temporary one, removed)")
     args = ap.parse_args(argv)
     if args.trials < 1 or args.iters < 1 or args.eval_interval < 1:
@@ -322,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         if rc:
             print(f"faults.py: prepare failed: {err.strip()[-500:]}", file=sys.stderr)
             return 1
-        kinds = ["study" if args.study_every and i % args.study_every == args.study_every - 1 else "train"
+        kinds = ["study" if args.study_every and i % args.study_every == args.study_every - 1 else
+                 "ensemble" if args.ensemble_every and i % args.ensemble_every == args.ensemble_every - 1 else "train"
                  for i in range(args.trials)]
         refs = {}
         rc, err, ref_wall = bench.run(bench.train_cmd(root / "ref-train", run_seed, resume=False))
@@ -336,10 +369,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"faults.py: the uninterrupted study failed: {err.strip()[-500:]}", file=sys.stderr)
                 return 1
             refs["study"] = (root / "ref-study", wall)
+        if "ensemble" in kinds:
+            rc, err, wall = bench.run(bench.ensemble_cmd(root / "ref-ensemble", run_seed, resume=False))
+            if rc:
+                print(f"faults.py: the uninterrupted ensemble failed: {err.strip()[-500:]}", file=sys.stderr)
+                return 1
+            refs["ensemble"] = (root / "ref-ensemble", wall)
         details = []
         for i, kind in enumerate(kinds):
             if kind == "train":
                 d = train_trial(bench, i, rng, *refs["train"], seed=run_seed)
+            elif kind == "ensemble":
+                d = ensemble_trial(bench, i, rng, *refs["ensemble"], seed=run_seed)
             else:
                 d = study_trial(bench, i, rng, *refs["study"])
             details.append(d)
@@ -356,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "kills_in_write": sum(k["in_write"] for d in details for k in d["kills"]),
         "leftover_tmp_files": sum(len(d["leftover_tmp"]) for d in details),
         "study_trials": kinds.count("study"),
+        "ensemble_trials": kinds.count("ensemble"),
         "reference_wall_s": {k: round(v[1], 2) for k, v in refs.items()},
         "wall_s": round(time.perf_counter() - t0, 1),
         "seed": args.seed,

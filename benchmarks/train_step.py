@@ -2,6 +2,9 @@
 
     python benchmarks/train_step.py --json out/train_step.json                 # shakespeare-char-cpu
     python benchmarks/train_step.py --json out/train_step.json --preset default --steps 200
+    python benchmarks/train_step.py --json out/recipes.json --variants softmax,softmax+muon,ssnorm,osp,op,diff
+
+A variant may be a study arm: a recipe (config.RECIPES: osp, op, ssnorm) or "variant+optimizer".
 
 One model and optimizer per variant (the same seed), built as `quietgpt train` builds them, on random
 token batches of the preset's shape. Every round runs one optimizer step of each variant, the order
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from quietgpt.config import apply_overrides, load_config
+from quietgpt.config import RECIPES, apply_overrides, load_config
 from quietgpt.nn.model import GPT
 from quietgpt.training.step import NonFiniteGuard, build_step_parts, train_step
 from quietgpt.utils.atomic import atomic_write_json
@@ -36,10 +39,17 @@ WARMUP = 20  # default rounds left out of the medians: allocator and caches sett
 CHAR_VOCAB = 65  # tiny Shakespeare's characters: what a char preset's model gets from its data
 
 
+def arm_settings(arm: str) -> dict:
+    """A study arm's settings: "variant", a recipe (config.RECIPES), either with "+optimizer"."""
+    name, _, optimizer = arm.partition("+")
+    settings = {"model.attention": "softmax", **RECIPES[name]} if name in RECIPES else {"model.attention": name}
+    return {**settings, "train.optimizer": optimizer} if optimizer else settings
+
+
 def build(preset: str, variant: str, seed: int):
-    """(StepParts, guard, batch shape, vocab) for `variant` on `preset`, as `quietgpt train` builds them
-    (a char-level preset gets tiny Shakespeare's vocabulary, which its data would set)."""
-    cfg = load_config(preset, {"model.attention": variant, "train.device": "cpu"})
+    """(StepParts, guard, batch shape, vocab) for `variant` (an arm: arm_settings) on `preset`, as `quietgpt
+    train` builds them (a char-level preset gets tiny Shakespeare's vocabulary, which its data would set)."""
+    cfg = load_config(preset, {**arm_settings(variant), "train.device": "cpu"})
     if cfg.data.tokenizer == "char":
         cfg = apply_overrides(cfg, {"model.vocab_size": CHAR_VOCAB})
     mc = cfg.model

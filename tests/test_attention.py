@@ -421,7 +421,7 @@ def test_the_variants_that_can_leave_mass_are_those_whose_rows_do_not_sum_to_one
     from quietgpt.report.cells import CAN_LEAVE_MASS
 
     q, k, v = make_qkv(dtype=torch.float64)
-    leaves = set()
+    leaves = {"diff"}  # rows of A1 - lambda A2 sum to 1 - lambda: test_recipes.py's test_diff_rows_sum_...
     for variant in VARIANTS:
         kw = kwargs_for(variant, 3, torch.float64)
         seen = []

@@ -23,10 +23,11 @@ from quietgpt.errors import QuietError
 from quietgpt.interop import hf_export
 from quietgpt.nn.gates import GATE_MODES
 from quietgpt.nn.model import GPT
-from quietgpt.nn.variants import VARIANTS
+from quietgpt.nn.variants import VARIANTS as ALL_VARIANTS
 from quietgpt.runs import checkpoint
 
 transformers = pytest.importorskip("transformers")
+VARIANTS = tuple(v for v in ALL_VARIANTS if v not in hf_export.NOT_EXPORTED_VARIANTS)
 
 VOCAB, BLOCK = 40, 16
 CHARS = [chr(ord("0") + i) for i in range(VOCAB)]
@@ -496,3 +497,20 @@ def test_the_modeling_file_implements_every_quietgpt_variant_and_gate_mode():
 
     assert mq.VARIANTS == VARIANTS and mq.GATE_MODES == GATE_MODES
     assert set(SETTINGS) == set(VARIANTS)
+
+
+@pytest.mark.parametrize("setting", [{"model.attention": "diff"}, {"model.norm": "rmsnorm"}, {"model.norm": "ssnorm"},
+                                     {"model.block": "op"}, {"model.embed_proj": True}])
+def test_what_the_modeling_file_does_not_compute_is_refused_in_one_line(tmp_path, capsys, setting):
+    """The recipes' norms, block and projections and the diff variant are refused, naming the setting, and
+    nothing is written."""
+    cfg = load_config("default", {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": BLOCK,
+                                  "model.vocab_size": VOCAB, **setting})
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ck"
+    checkpoint.save_checkpoint(ckpt, GPT(cfg.model), cfg)
+    assert main(["export", "--checkpoint", str(ckpt), "--hf", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    key, value = next(iter(setting.items()))
+    assert len(err.strip().splitlines()) == 1 and f"{key}={value}" in err and "quietgpt checkpoint" in err
+    assert not (tmp_path / "out").exists()

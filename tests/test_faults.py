@@ -264,17 +264,18 @@ def test_second_run_refused_then_dead_owner_taken_over(tmp_path, cache, capsys):
 
 @pytest.mark.slow
 def test_faults_benchmark_short(tmp_path):
-    """benchmarks/faults.py: 3 trials (two SIGKILLed training runs, one SIGKILLed study) all clean."""
+    """benchmarks/faults.py: 4 trials (two SIGKILLed training runs, one SIGKILLed study, one SIGKILLed ensemble
+    of three seeds) all clean."""
     out = tmp_path / "faults.json"
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--trials", "3", "--json", str(out),
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--trials", "4", "--json", str(out),
                         "--iters", "30", "--eval-interval", "5", "--seed", "1"],
                        capture_output=True, text=True, timeout=600)
     res = json.loads(out.read_text())
-    assert res["trials"] == 3 and res["study_trials"] == 1
-    assert res["kills"] >= 3
+    assert res["trials"] == 4 and res["study_trials"] == 1 and res["ensemble_trials"] == 1
+    assert res["kills"] >= 4
     assert (res["corrupt_checkpoints"], res["failed_resumes"], res["mismatched"]) == (0, 0, 0), r.stderr[-2000:]
-    assert res["clean"] == 3 and r.returncode == 0
+    assert res["clean"] == 4 and r.returncode == 0
     assert time.perf_counter() - t0 < 300
 
 

@@ -169,3 +169,41 @@ def test_bad_optimizer_options_are_one_line_errors(sets, needle):
     with pytest.raises(ConfigError) as e:
         load_config("default", sets)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_quietgpts_muon_is_torchs_with_the_newton_schulz_dtype_as_the_only_change():
+    """ns_dtype None: torch.optim.Muon step for step, to the bit. float32 (the CPU's): equal to a float64
+    Newton-Schulz written from Keller Jordan's formula to float32 rounding, same-shaped matrices batched."""
+    from quietgpt.training.optim import Muon, newton_schulz
+
+    def reference(g, steps=5, a=3.4445, b=-4.7750, c=2.0315):
+        x = g.double()
+        x = x.T if g.shape[0] > g.shape[1] else x
+        x = x / x.norm().clamp(min=1e-7)
+        for _ in range(steps):
+            A = x @ x.T
+            x = a * x + (b * A + c * A @ A) @ x
+        return (x.T if g.shape[0] > g.shape[1] else x).float()
+
+    torch.manual_seed(0)
+    shapes = [(48, 16), (48, 16), (16, 64), (16, 16)]
+    for ns_dtype in (None, torch.float32):
+        mine = [torch.randn(*s, requires_grad=True) for s in shapes]
+        theirs = [w.detach().clone().requires_grad_() for w in mine]
+        a = Muon(mine, lr=0.02, adjust_lr_fn="original", ns_dtype=ns_dtype)
+        b = torch.optim.Muon(theirs, lr=0.02, adjust_lr_fn="original")
+        for step in range(3):
+            for ws in (mine, theirs):
+                for i, w in enumerate(ws):
+                    w.grad = torch.sin(torch.arange(w.numel(), dtype=torch.float32).view(w.shape) * (i + step + 1))
+            a.step()
+            b.step()
+        if ns_dtype is None:
+            assert all(torch.equal(x, y) for x, y in zip(mine, theirs))
+        else:  # bfloat16 against float32 iterations: close, not equal
+            assert all(torch.allclose(x, y, atol=3e-2) and not torch.equal(x, y) for x, y in zip(mine, theirs))
+    g = torch.randn(3, 40, 12)
+    out = newton_schulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+    for i in range(3):
+        assert torch.allclose(out[i], reference(g[i]), atol=2e-5)
+        assert torch.allclose(out[i], newton_schulz(g[i], (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32), atol=1e-6)

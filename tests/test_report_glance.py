@@ -37,7 +37,8 @@ def test_zero_by_construction_prints_0():
          "ci95_low": -3e-9, "ci95_high": 3e-9, "n": 2}
     assert C.effect_cell("unassigned_mass_mean", c) == "0 (by construction) ="
     # the variant sets come from attention.py: every null variant and clipped can leave mass
-    assert set(C.CAN_LEAVE_MASS) == {"softmax1", "softmax_n", "sink", "clipped", "softpick", "sigmoid", "kvbias"}
+    assert set(C.CAN_LEAVE_MASS) == {"softmax1", "softmax_n", "sink", "clipped", "softpick", "sigmoid", "kvbias",
+                                     "diff"}
     assert set(C.CANNOT_LEAVE_MASS) == {"softmax", "gated", "outgate"}  # gates scale outputs, not weights
 
 

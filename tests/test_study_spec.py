@@ -52,7 +52,7 @@ def test_a_users_study_file(tmp_path):
     ("[study]\nseeds = \"five\"\n", "study.seeds expects int"),
     ("[study]\nvariants = [\"softmax1\", \"sink\"]\n", "baseline 'softmax' is not among the variants"),
     ("[study]\nvariants = [\"softmax\", \"softmax\"]\n", "distinct"),
-    ("[study]\nvariants = [\"softmax\", \"nope\"]\n", "unknown attention variant 'nope'"),
+    ("[study]\nvariants = [\"softmax\", \"nope\"]\n", "unknown attention variant or recipe 'nope'"),
     ("[study]\n[train]\nseed = 3\n", "train.seed is set per run"),
     ("[study]\n[trian]\nmax_iters = 3\n", "unknown section [trian]"),
 ])
@@ -99,7 +99,7 @@ def test_presets_lists_training_and_study_presets(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "training presets" in out and "study presets" in out
-    assert "full" in out and "all 10 attention variants" in out  # the study-only preset, with its description
+    assert "full" in out and "all 11 attention variants" in out  # the study-only preset, with its description
     assert out.count("wall time: ") == len(study_preset_names())  # and every study preset's estimate
     assert main(["presets", "full"]) == 0
     assert "[study]" in capsys.readouterr().out
@@ -121,7 +121,7 @@ def test_crossing_variants_with_optimizers():
     assert plain.arms == plain.variants and plain.baseline_arm == "softmax"
     assert plain.run_config("softmax1", 0, "x").train.optimizer == "adamw"
     with pytest.raises(ConfigError, match=r"study\.optimizers must name distinct optimizers"):
-        resolve_spec("default", optimizers=["adamw", "lion"])
+        resolve_spec("default", optimizers=["adamw", "nosuch"])
     with pytest.raises(ConfigError, match=r"train\.optimizer is set per run"):
         resolve_spec("default", optimizers=["adamw", "muon"], overrides={"train.optimizer": "muon"})
 

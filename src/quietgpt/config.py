@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 
 from quietgpt.errors import ConfigError, QuietError
 from quietgpt.nn.model import GPTConfig
-from quietgpt.presets import read_toml
+from quietgpt.presets import read_toml, tomllib
 from quietgpt.quant.spec import parse_quant_list
 
 
@@ -43,7 +43,72 @@ class DataConfig:
             raise ConfigError(f"data.synthetic_tokens must be >= 10000, got {self.synthetic_tokens!r}")
 
 
-OPTIMIZERS = ("adamw", "muon", "orthoadam")  # built by training/optim.py
+OPTIMIZERS = ("adamw", "muon", "orthoadam")  # quietgpt's own, built by training/optim.py
+
+
+@dataclass(frozen=True)
+class LibraryOptimizer:
+    """An optimizer of the pytorch-optimizer library with quietgpt's defaults for it: the scheduled rate times
+    `lr_scale`, train.weight_decay times `wd_scale`; everything else the library's defaults (its paper's)."""
+    cls: str  # the class in pytorch_optimizer
+    lr_scale: float = 1.0
+    wd_scale: float = 1.0
+    source: str = ""
+
+
+# Named optimizers of pytorch-optimizer (kozistr/pytorch_optimizer; README "Dependencies" says why this library).
+# Any other of its 128 optimizers is reachable as train.optimizer = "lib:<name>" (its lower-case registry name)
+# with the scheduled rate and the library's defaults.
+LIBRARY_OPTIMIZERS: dict[str, LibraryOptimizer] = {
+    # Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using Adam": Adam in Shampoo's eigenbasis,
+    # preconditioner refreshed every 10 steps; He et al. 2024 pair it with the outlier-protected block
+    "soap": LibraryOptimizer("SOAP", source="Vyas et al. 2024; betas (0.95, 0.95), precondition_frequency 10"),
+    # Anil et al. 2020, "Scalable Second Order Optimization for Deep Learning" (the practical Shampoo: blocked
+    # statistics, grafting, inverse roots every preconditioning_compute_steps)
+    "shampoo": LibraryOptimizer("ScalableShampoo", source="Anil et al. 2020; the library's defaults"),
+    # Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms": the sign update is larger than Adam's,
+    # so their rule is a 3-10x smaller rate and a 3-10x larger decoupled weight decay; here the 3x end of it
+    "lion": LibraryOptimizer("Lion", lr_scale=1 / 3, wd_scale=3.0, source="Chen et al. 2023; betas (0.9, 0.99)"),
+}
+LIBRARY_PREFIX = "lib:"
+
+
+def library_optimizer(name: str) -> tuple[type, LibraryOptimizer]:
+    """(pytorch_optimizer class, quietgpt's defaults) of a train.optimizer that is a library one ("soap", ...,
+    or "lib:<registry name>"); a one-line ConfigError when the library lacks it or is not installed."""
+    try:
+        import pytorch_optimizer
+    except ImportError:  # pragma: no cover - a core dependency
+        raise ConfigError(f"train.optimizer={name} needs the pytorch-optimizer package; pip install "
+                          "pytorch-optimizer") from None
+    if name in LIBRARY_OPTIMIZERS:
+        spec = LIBRARY_OPTIMIZERS[name]
+        return getattr(pytorch_optimizer, spec.cls), spec
+    own = name[len(LIBRARY_PREFIX):].lower()
+    if not name.startswith(LIBRARY_PREFIX) or own not in pytorch_optimizer.get_supported_optimizers():
+        raise ConfigError(f"train.optimizer {name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}, "
+                          f"{', '.join(LIBRARY_OPTIMIZERS)} or lib:<name> of pytorch-optimizer (docs/training.md)")
+    return pytorch_optimizer.load_optimizer(own), LibraryOptimizer(own)
+
+
+def is_known_optimizer(name: str) -> bool:
+    """Whether `name` can be a train.optimizer without importing the library (a lib: name is checked later)."""
+    return name in OPTIMIZERS or name in LIBRARY_OPTIMIZERS or name.startswith(LIBRARY_PREFIX)
+
+# Recipes: the fixes beyond the attention normaliser, each a named bundle of settings on the softmax baseline, so
+# that a study can put them in study.variants beside the normaliser variants (an arm "osp", or "osp+adamw" with
+# the optimizer crossed). Every recipe keeps softmax attention: its arm is compared with softmax + AdamW +
+# pre-norm LayerNorm, paired by seed, and the metrics that are 0 by construction for softmax stay so.
+RECIPES: dict[str, dict[str, object]] = {
+    # Park et al., ACL 2025, "Outlier-Safe Pre-Training" (dmis-lab/Outlier-Safe-Pre-Training): Muon, single-scale
+    # RMSNorm and the learnable embedding projections; their recipe's three parts together
+    "osp": {"train.optimizer": "muon", "model.norm": "ssnorm", "model.embed_proj": True},
+    # He et al., NeurIPS 2024, "Understanding and minimising outlier features" (bobby-he/simplified_transformers,
+    # model=op): the outlier-protected block (no branch pre-norm, QK-norm, residual gain 0.2) with the run's optimizer
+    "op": {"model.block": "op"},
+    # one part of OSP alone: RMSNorm with one scalar gain (the ablation that says whether the norm alone helps)
+    "ssnorm": {"model.norm": "ssnorm"},
+}
 
 
 @dataclass
@@ -79,7 +144,10 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "quietgpt"
-    optimizer: str = "adamw"  # adamw | muon | orthoadam (training/optim.py)
+    optimizer: str = "adamw"  # adamw | muon | orthoadam | soap | shampoo | lion | lib:<name> (training/optim.py)
+    # a library optimizer's constructor options ([train.optimizer_args] or --set train.optimizer_args.K=V),
+    # plus lr_scale (the scheduled rate's multiplier) and wd_scale (train.weight_decay's); not for the own three
+    optimizer_args: dict = field(default_factory=dict)
     muon_lr: float = 0.02  # muon: the hidden matrices' peak rate (Keller Jordan's); the rest uses learning_rate
     muon_momentum: float = 0.95  # muon: Nesterov momentum
     orthoadam_max_dim: int = 4096  # orthoadam: tensor axes up to this size get a random orthogonal basis
@@ -128,7 +196,10 @@ class TrainConfig:
     def _check_optimizer(self) -> None:
         """A known optimizer, and no option of another one changed from its default (it would be ignored)."""
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"train.optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+            self._check_library_optimizer()
+        elif self.optimizer_args:
+            raise ConfigError(f"train.optimizer_args are options of a library optimizer (soap, lion, ...), but the "
+                              f"optimizer is {self.optimizer}; leave them out or choose a library optimizer")
         owners = {"muon_lr": "muon", "muon_momentum": "muon", "orthoadam_max_dim": "orthoadam"}
         for key, owner in owners.items():
             if getattr(self, key) != getattr(TrainConfig, key) and self.optimizer != owner:
@@ -137,6 +208,22 @@ class TrainConfig:
         if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.orthoadam_max_dim < 0:
             raise ConfigError("train.muon_lr must be > 0, train.muon_momentum in [0, 1) and "
                               "train.orthoadam_max_dim >= 0")
+
+    def _check_library_optimizer(self) -> None:
+        """train.optimizer is the library's, and every optimizer_args key one of its constructor's named options
+        (the library's constructors take **kwargs and would ignore a misspelt one)."""
+        import inspect
+
+        cls, _ = library_optimizer(self.optimizer)
+        named = {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params", "kwargs")}
+        for key in self.optimizer_args:
+            if key in ("lr", "weight_decay"):
+                raise ConfigError(f"train.optimizer_args.{key} would be overridden by the schedule and the decay "
+                                  "groups; set train.learning_rate and train.weight_decay, or lr_scale and wd_scale")
+            if key not in named | {"lr_scale", "wd_scale"}:
+                raise ConfigError(f"train.optimizer_args.{key} is not an option of pytorch_optimizer."
+                                  f"{cls.__name__}; its options: {', '.join(sorted(named - {'lr'}))}, lr_scale, "
+                                  "wd_scale")
 
     def _check_outliers(self) -> None:
         """The train.outlier_* settings: positive counts, and a quant list that quant.parse_quant_list reads."""
@@ -174,9 +261,23 @@ class RunConfig:
 SECTIONS = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
 
 
+def _literal(value):
+    """A command-line value as TOML reads it (0.5, true, [0.9, 0.95], "text"); bare text stays text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
 def _coerce(section: str, key: str, typ, value):
     """Check or convert `value` (from TOML or a command-line string) to the field's type."""
     where = f"{section}.{key}"
+    if typ is dict:  # a table of options (train.optimizer_args): names to TOML values
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where} expects a table of options, got {value!r}; write {where}.NAME=VALUE")
+        return {k: _literal(v) for k, v in value.items()}
     if isinstance(value, str) and typ is not str:
         text = value.strip()
         try:
@@ -245,6 +346,9 @@ def apply_overrides(cfg: RunConfig, updates: dict) -> RunConfig:
         hints = typing.get_type_hints(cls)
         known = {f.name for f in fields(cls)}
         for key, value in given.items():
+            if key.startswith("optimizer_args.") and section == "train":  # --set train.optimizer_args.K=V
+                current["optimizer_args"] = {**current["optimizer_args"], key.split(".", 1)[1]: _literal(value)}
+                continue
             if key not in known:
                 found = suggest_keys(f"{section}.{key}")
                 raise ConfigError(f"unknown config key {section}.{key}; " + (
@@ -413,7 +517,8 @@ class StudyConfig:
         if self.calib_batches < 0 or self.eval_tokens < 0 or self.eval_tokens == 1:
             raise ConfigError("study.calib_batches must be >= 0 and study.eval_tokens 0 (all) or >= 2")
         if not self.variants or len(set(self.variants)) != len(self.variants):
-            raise ConfigError(f"study.variants must name distinct attention variants, got {','.join(self.variants)!r}")
+            raise ConfigError(f"study.variants must name distinct attention variants or recipes, got "
+                              f"{','.join(self.variants)!r}")
         check_baseline(self.baseline, self.variants)
         if self.seed_start < 0:
             raise ConfigError(f"study.seed_start must be >= 0, got {self.seed_start!r}")
@@ -422,9 +527,10 @@ class StudyConfig:
         names = [h.name for h in self.primary]
         if len(set(names)) != len(names):
             raise ConfigError(f"study.primary names must be distinct, got {', '.join(names)}")
-        bad = [o for o in self.optimizers if o not in OPTIMIZERS]
+        bad = [o for o in self.optimizers if not is_known_optimizer(o)]
         if bad or len(set(self.optimizers)) != len(self.optimizers):
-            raise ConfigError(f"study.optimizers must name distinct optimizers among {', '.join(OPTIMIZERS)}, got "
+            raise ConfigError(f"study.optimizers must name distinct optimizers among {', '.join(OPTIMIZERS)}, "
+                              f"{', '.join(LIBRARY_OPTIMIZERS)} and lib:<name>, got "
                               f"{','.join(self.optimizers)!r}")
 
 

@@ -79,6 +79,7 @@ def to_gpt2(model: GPT, eos_token_id: int | None = None):
     c = model.config
     if c.attention != "softmax":
         raise QuietError(f"a {c.attention} model is not a GPT-2; export it with to_quietgpt_hf")
+    check_exportable(c)
     transformers = _transformers()
     cfg = transformers.GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
@@ -100,9 +101,25 @@ def to_gpt2(model: GPT, eos_token_id: int | None = None):
     return hf.eval()
 
 
+NOT_EXPORTED_VARIANTS = ("diff",)  # variants modeling_quietgpt.py does not compute (refused in one line)
+
+
+def check_exportable(c) -> None:
+    """One-line QuietError unless modeling_quietgpt.py computes a model of config `c`: its GPT-2 pre-norm
+    LayerNorm block with any normaliser variant but diff; not the recipes' norms, block or projections."""
+    beyond = [f"{k}={v}" for k, v, plain in (("model.attention", c.attention, c.attention not in NOT_EXPORTED_VARIANTS),
+                                             ("model.norm", c.norm, c.norm == "layernorm"),
+                                             ("model.block", c.block, c.block == "prenorm"),
+                                             ("model.embed_proj", c.embed_proj, not c.embed_proj)) if not plain]
+    if beyond:
+        raise QuietError(f"the Hugging Face export computes the GPT-2 block with the normaliser variants; this model "
+                         f"has {', '.join(beyond)}: keep it as a quietgpt checkpoint (docs/pretrained-and-export.md)")
+
+
 def to_quietgpt_hf(model: GPT, eos_token_id: int | None = None):
     """QuietGPTForCausalLM (the modeling file's class, eval mode, float32) computing what `model` computes."""
     _transformers()
+    check_exportable(model.config)
     from quietgpt.interop.hf_modeling import modeling_quietgpt as mq
 
     c = model.config
@@ -278,6 +295,7 @@ def export_checkpoint(checkpoint, out, *, force: bool = False, dtype: str = "flo
     ckpt, out = Path(checkpoint), Path(out)
     doc = read_config(ckpt)
     model, _ = load_model(ckpt)
+    check_exportable(model.config)
     _check_out(out, ckpt, force)
     _transformers()
     with quiet_hf():  # the CLI prints its own lines

@@ -27,12 +27,12 @@ def weight_kind(name: str) -> str:
     lm_head's weight, listed only when it is not tied to wte). "linear" is
     exactly a block's matmul weights (model.BLOCK_MATMULS), the tensors weights_by_layer pools, so the pool
     holds the same tensors in every variant."""
-    if ".wte." in f".{name}" or ".wpe." in f".{name}":
-        return "embedding"
+    if ".wte." in f".{name}" or ".wpe." in f".{name}" or name in ("emb_proj.weight", "head_proj.weight"):
+        return "embedding"  # (the recipes' embedding projections count with the embeddings)
     if name == "lm_head.weight":
         return "head"
-    if ".ln_" in f".{name}":
-        return "layernorm"
+    if ".ln_" in f".{name}" or ".qk_norm." in name or ".subln." in name:
+        return "layernorm"  # every norm's gain and bias
     if name.endswith("sink_logit"):
         return "sink"
     if name.endswith((".core.k_bias", ".core.v_bias")):

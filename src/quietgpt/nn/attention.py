@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quietgpt.errors import ConfigError
+from quietgpt.nn.diff import DiffParams, diff_fast, diff_reference
 from quietgpt.nn.options import AttentionOptions, check_path
 from quietgpt.nn.variants import VARIANT_SPECS, null_log_n, variant_spec
 
@@ -133,6 +134,7 @@ def attention(
     probs_hook: Callable[[Tensor], Tensor] | None = None,
     sigmoid_bias: float | None = None,
     kv_bias: tuple[Tensor, Tensor] | None = None,
+    diff_lambda: Tensor | None = None,
 ) -> Tensor:
     """Multi-head attention with the chosen normaliser. q (B, H, T, D), k (B, H, Tk, D),
     v (B, H, Tk, Dv) -> (B, H, T, Dv) in q's dtype. Causal attention needs T == Tk.
@@ -141,21 +143,35 @@ def attention(
     attention weights (pass 0 in eval mode). `sink_logit` (H,) is the "sink" variant's per-head null
     logit; `kv_bias` = (k' (H, D), v' (H, Dv)) the "kvbias" variant's learned key and value. `gate`
     (B, H, T, 1) or (B, H, T, Dv), used by "gated" and "outgate", multiplies each head's output.
-    `probs_hook` forces the reference path.
+    `diff_lambda`: the "diff" variant's lambda (0-d, or (B,) per batch row); its output is A v before the
+    sub-layer norm (QuietAttention applies that). `probs_hook` forces the reference path.
     """
     opts = AttentionOptions(variant=variant, n=n, gamma=gamma, zeta=zeta, dropout=dropout_p, path=path,
                             cuda_kernel=cuda_kernel, is_causal=is_causal, scale=scale, sigmoid_bias=sigmoid_bias)
-    out, _ = _attention(q, k, v, opts, sink_logit=sink_logit, gate=gate, probs_hook=probs_hook, kv_bias=kv_bias)
+    out, _ = _attention(q, k, v, opts, sink_logit=sink_logit, gate=gate, probs_hook=probs_hook, kv_bias=kv_bias,
+                        diff_lambda=diff_lambda)
     return out
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions, *, sink_logit: Tensor | None = None,
                gate: Tensor | None = None, probs_hook: Callable[[Tensor], Tensor] | None = None,
-               training: bool = True, kv_bias: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, str]:
+               training: bool = True, kv_bias: tuple[Tensor, Tensor] | None = None,
+               diff_lambda: Tensor | None = None) -> tuple[Tensor, str]:
     """`attention` on checked options -> (output, the path that ran). training=False turns dropout off."""
     if opts.is_causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[-2]} and {k.shape[-2]}")
     variant, is_causal = opts.variant, opts.is_causal
+    if (variant == "diff") != (diff_lambda is not None):
+        raise ConfigError("diff_lambda is for attention variant 'diff' and it needs one; got variant "
+                          f"{variant!r} with diff_lambda={'given' if diff_lambda is not None else None}")
+    if variant == "diff":
+        if q.shape[-1] % 2:
+            raise ConfigError(f"attention variant 'diff' splits each head in two: head_dim must be even, got "
+                              f"{q.shape[-1]}")
+        chosen = select_path(variant, opts.path, q, 0.0, need_probs=probs_hook is not None)
+        out = (diff_reference(q, k, v, diff_lambda, is_causal=is_causal, probs_hook=probs_hook)
+               if chosen == "reference" else diff_fast(q, k, v, diff_lambda, is_causal=is_causal))
+        return (out * gate.to(out.dtype) if gate is not None else out), chosen
     if (variant == "kvbias") != (kv_bias is not None):
         raise ConfigError("kv_bias (a learned key and value per head) is for attention variant 'kvbias' and "
                           f"it needs one; got variant {variant!r} with kv_bias={'given' if kv_bias else None}")
@@ -190,7 +206,8 @@ class QuietAttention(nn.Module):
     Standalone: `QuietAttention(n_head, AttentionOptions(variant="softmax1"))` (kvbias also needs
     `head_dim`); in the model, `QuietAttention(cfg.n_head, cfg.attention_options(), head_dim)`."""
 
-    def __init__(self, n_head: int, opts: AttentionOptions | None = None, head_dim: int | None = None):
+    def __init__(self, n_head: int, opts: AttentionOptions | None = None, head_dim: int | None = None,
+                 layer: int = 0):
         super().__init__()
         opts = AttentionOptions() if opts is None else opts
         if not isinstance(opts, AttentionOptions):
@@ -206,6 +223,11 @@ class QuietAttention(nn.Module):
             # zeros, not random: constructing must not draw from the RNG (GPT initialises them last)
             self.k_bias = nn.Parameter(torch.zeros(n_head, head_dim))
             self.v_bias = nn.Parameter(torch.zeros(n_head, head_dim))
+        self.diff = None
+        if opts.variant == "diff":
+            if head_dim is None:
+                raise ConfigError("attention variant 'diff' needs head_dim: QuietAttention(n_head, opts, head_dim)")
+            self.diff = DiffParams(head_dim, layer)  # its lambda vectors, sub-layer norm, lambda_init of `layer`
         self.tap_probs = nn.Identity()
         self.last_path: str | None = None
 
@@ -214,9 +236,12 @@ class QuietAttention(nn.Module):
         q's dtype."""
         observed = bool(self.tap_probs._forward_hooks or self.tap_probs._forward_pre_hooks)
         kv_bias = (self.k_bias, self.v_bias) if self.k_bias is not None else None
-        out, chosen = _attention(q, k, v, self.opts, sink_logit=self.sink_logit, gate=gate,
+        out, chosen = _attention(q, k, v, self.opts, sink_logit=self.sink_logit,
+                                 gate=gate if self.diff is None else None,
                                  probs_hook=self.tap_probs if observed else None, training=self.training,
-                                 kv_bias=kv_bias)
+                                 kv_bias=kv_bias, diff_lambda=self.diff.lam() if self.diff is not None else None)
+        if self.diff is not None:
+            out = self.diff.finish(out)
         if torch.compiler.is_compiling():
             # write without reading: a read would guard the compiled graph on last_path (a recompile on
             # the second call) and a logging call would split it at every layer

@@ -9,9 +9,11 @@ once. The forward follows GPT.forward with the S members' batches side by side i
 
     embeddings     member s's rows gather from member s's tables
     linear layers  torch.baddbmm over the member dimension ((S, B*T, in) @ (S, in, out))
-    LayerNorm      normalised over the channels as nn.LayerNorm does, then each member's gain and bias
+    norms          normalised over the channels as the member's norm does (LayerNorm, RMSNorm, single-scale
+                   RMSNorm, QK-norm), then each member's gain (and bias)
     attention      every variant's core runs unchanged on the (S * B, H, T, D) batch (every fused kernel and
-                   exact path), a sink's logits and kvbias's key and value expanded to one per batch row
+                   exact path), a sink's logits, kvbias's key and value and diff's lambda expanded to one per
+                   batch row
     loss           each member's own mean cross-entropy; their sum is what backward differentiates, so each
                    member's gradient is its solo gradient
 
@@ -33,8 +35,10 @@ from torch import nn
 
 from quietgpt.errors import ConfigError
 from quietgpt.nn.attention import QuietAttention, _attention
+from quietgpt.nn.diff import DiffParams, diff_lambda
 from quietgpt.nn.gates import HeadGate, OutputGate
 from quietgpt.nn.model import GPT
+from quietgpt.nn.norms import QKNorm, SingleScaleRMSNorm
 
 Tensor = torch.Tensor
 
@@ -75,6 +79,43 @@ class MemberLayerNorm(nn.Module):
         if self.bias is not None:
             y = y + self.bias.unsqueeze(1)
         return y.reshape(shape)
+
+
+class MemberRMSNorm(nn.Module):
+    """S nn.RMSNorm, SingleScaleRMSNorm or QKNorm layers: gain (S, C) or (S,) for the single-scale one;
+    input (S * B, ..., C), member-major. Each normalises as its solo layer does, then each member's gain."""
+
+    def __init__(self, layers: Sequence[nn.Module]):
+        super().__init__()
+        self.S, self.kind, self.eps = len(layers), type(layers[0]), layers[0].eps
+        self.weight = _stack([m.weight for m in layers])
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        if self.kind is QKNorm:  # He et al.'s: eps added to the RMS
+            y = x / (x.pow(2).mean(-1, keepdim=True).sqrt() + self.eps)
+        else:
+            y = torch.rms_norm(x, shape[-1:], eps=self.eps)
+        gain = self.weight.view(self.S, 1, -1)  # (S, 1, C) or (S, 1, 1)
+        return (y.reshape(self.S, -1, shape[-1]) * gain).reshape(shape)
+
+
+class MemberDiff(nn.Module):
+    """S DiffParams (the diff variant): lambda vectors (S, head_dim / 2), the sub-layer norm's gain (S, head_dim)."""
+
+    def __init__(self, diffs: Sequence[DiffParams]):
+        super().__init__()
+        self.S, self.init = len(diffs), diffs[0].init
+        for name in ("lq1", "lk1", "lq2", "lk2"):
+            setattr(self, name, _stack([getattr(d, name) for d in diffs]))
+        self.subln = MemberRMSNorm([d.subln for d in diffs])
+
+    def lam(self, rows: int) -> Tensor:
+        """Each member's lambda, repeated for its `rows` batch rows: (S * rows,)."""
+        return diff_lambda(self.lq1, self.lk1, self.lq2, self.lk2, self.init).repeat_interleave(rows)
+
+    def finish(self, out: Tensor) -> Tensor:
+        return self.subln(out) * (1.0 - self.init)
 
 
 class MemberEmbedding(nn.Module):
@@ -145,6 +186,7 @@ class MemberQuietAttention(nn.Module):
         self.sink_logit = _stack([c.sink_logit for c in cores]) if c0.sink_logit is not None else None
         self.k_bias = _stack([c.k_bias for c in cores]) if c0.k_bias is not None else None
         self.v_bias = _stack([c.v_bias for c in cores]) if c0.v_bias is not None else None
+        self.diff = MemberDiff([c.diff for c in cores]) if c0.diff is not None else None
         self.tap_probs = nn.Identity()
         self.last_path: str | None = None
 
@@ -153,12 +195,14 @@ class MemberQuietAttention(nn.Module):
         sink = self.sink_logit.repeat_interleave(rows, 0).unsqueeze(-1) if self.sink_logit is not None else None
         kv = ((self.k_bias.repeat_interleave(rows, 0), self.v_bias.repeat_interleave(rows, 0))
               if self.k_bias is not None else None)
+        lam = self.diff.lam(rows) if self.diff is not None else None
         out, self.last_path = _attention(q, k, v, self.opts, sink_logit=sink, gate=gate, training=self.training,
-                                         kv_bias=kv)
-        return out
+                                         kv_bias=kv, diff_lambda=lam)
+        return self.diff.finish(out) if self.diff is not None else out
 
 
 MEMBER_FORMS = ((nn.Linear, MemberLinear), (nn.LayerNorm, MemberLayerNorm), (nn.Embedding, MemberEmbedding),
+                (nn.RMSNorm, MemberRMSNorm), (SingleScaleRMSNorm, MemberRMSNorm), (QKNorm, MemberRMSNorm),
                 (HeadGate, MemberHeadGate), (OutputGate, MemberOutputGate), (QuietAttention, MemberQuietAttention))
 
 
@@ -192,6 +236,7 @@ class EnsembleGPT(nn.Module):
         shell = copy.deepcopy(members[0])
         self._replace(shell, list(members))
         self.transformer, self.lm_head, self.tap_embeddings = shell.transformer, shell.lm_head, shell.tap_embeddings
+        self.emb_proj, self.head_proj = shell.emb_proj, shell.head_proj  # OSP's projections (MemberLinear) or None
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in every member
         self._rebind(list(members))
 
@@ -231,11 +276,16 @@ class EnsembleGPT(nn.Module):
             raise ValueError(f"the ensemble has {self.S} members, got batches for {S}")
         if T > self.config.block_size:
             raise ValueError(f"cannot forward a sequence of length {T}; block_size is {self.config.block_size}")
-        x = self.tap_embeddings(self.transformer.wte(idx.reshape(S * B, T)) + self.transformer.wpe.positions(T, B))
-        x = self.transformer.drop(x)
+        tok = self.transformer.wte(idx.reshape(S * B, T))
+        if self.emb_proj is not None:
+            tok = self.emb_proj(tok)
+        x = self.transformer.drop(self.tap_embeddings(tok + self.transformer.wpe.positions(T, B)))
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x)).view(S, B, T, -1)
+        x = self.transformer.ln_f(x)
+        if self.head_proj is not None:
+            x = self.head_proj(x)
+        logits = self.lm_head(x).view(S, B, T, -1)
         if targets is None:
             return logits, None
         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

@@ -44,6 +44,7 @@ from quietgpt.errors import ConfigError
 from quietgpt.nn.attention import QuietAttention
 from quietgpt.nn.gates import GATE_MODES, HeadGate, OutputGate
 from quietgpt.nn.kernels import CUDA_KERNELS
+from quietgpt.nn.norms import NORMS, QKNorm, make_norm
 from quietgpt.nn.options import PATHS, AttentionOptions
 from quietgpt.nn.softmax import check_clip_params
 from quietgpt.nn.variants import VARIANT_FIELDS, VARIANTS
@@ -51,6 +52,8 @@ from quietgpt.nn.variants import VARIANT_FIELDS, VARIANTS
 Tensor = torch.Tensor
 SITES = ("embeddings", "attn_out", "mlp_hidden", "mlp_out", "block_out", "attn_probs", "ln1_out", "ln2_out",
          "lnf_out", "attn_gate")
+BLOCKS = ("prenorm", "op")
+
 # Every block's matmul weights (nn.Linear, y = x W^T), by their module name inside the block: the one
 # definition of "the block's weights" for the weight-kurtosis metrics (measurement/registry.py), the per-layer
 # pool of eval.json's weights_by_layer (measurement/collectors.py) and Muon's parameters (training/optim.py).
@@ -86,6 +89,11 @@ class GPTConfig:
     path: str = "auto"  # attention path: auto | fast | reference
     cuda_kernel: str = "auto"  # CUDA LSE kernel: auto (cuDNN where it runs, flash when compiled) | flash | cudnn
     gelu: str = "none"  # GELU approximation: "none" (exact, nanoGPT) or "tanh" (HF GPT-2's gelu_new)
+    # recipes beyond the normaliser (docs/attention.md "Recipes"): the norm layer, the block, OSP's projections
+    norm: str = "layernorm"  # layernorm | rmsnorm | ssnorm (OSP's single-scale RMSNorm); every norm of the model
+    block: str = "prenorm"  # prenorm (GPT-2) | op (He et al.'s outlier-protected block)
+    resid_gain: float = 0.2  # op only: each residual branch is added times this fixed gain (their mlp_block_resid_gain)
+    embed_proj: bool = False  # OSP's embedding projections: C x C after the token embedding and before the head
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -116,6 +124,14 @@ class GPTConfig:
             raise ConfigError(f"model.gate_init must be in (0, 1), got {self.gate_init!r}")
         if self.gelu not in ("none", "tanh"):
             raise ConfigError(f"model.gelu must be 'none' or 'tanh', got {self.gelu!r}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"model.norm {self.norm!r} is unknown; choose one of {', '.join(NORMS)}")
+        if self.block not in BLOCKS:
+            raise ConfigError(f"model.block {self.block!r} is unknown; choose one of {', '.join(BLOCKS)}")
+        if self.block != "op" and self.resid_gain != 0.2:
+            raise ConfigError("model.resid_gain belongs to model.block = 'op'; leave it at 0.2 or set model.block=op")
+        if not 0.0 < self.resid_gain <= 1.0:
+            raise ConfigError(f"model.resid_gain must be in (0, 1], got {self.resid_gain!r}")
         if self.path == "fast" and self.attention == "clipped":
             raise ConfigError("model.path 'fast' is impossible for attention 'clipped'; use path = 'auto'")
         self._check_variant_fields()
@@ -165,7 +181,7 @@ def _finite(text: str) -> float | None:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
         # key, query, value projections for all heads, in one matmul
@@ -173,12 +189,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         head_dim = config.n_embd // config.n_head
-        self.core = QuietAttention(config.n_head, config.attention_options(), head_dim)
+        self.core = QuietAttention(config.n_head, config.attention_options(), head_dim, layer)
         self.gate: nn.Module | None = None
         if config.attention == "gated":
             self.gate = HeadGate(config.n_head, head_dim)
         elif config.attention == "outgate":
             self.gate = OutputGate(config.n_head, head_dim, config.n_embd, config.gate_mode, config.bias)
+        # the outlier-protected block normalises each head's queries and keys (He et al.'s QK-norm)
+        self.qk_norm = QKNorm(head_dim) if config.block == "op" else None
         self.tap_out = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -188,6 +206,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q), self.qk_norm(k)
         gate = self.gate(x) if self.gate is not None else None  # (B, H, T, 1 or head_dim) or (1, H, 1, 1)
         y = self.core(q, k, v, gate=gate)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
@@ -210,18 +230,31 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """GPT-2's pre-norm block, x + attn(ln_1(x)) then x + mlp(ln_2(x)); or He et al.'s outlier-protected block
+    (model.block = "op", bobby-he/simplified_transformers, config/model/op.yaml and model_utils.py's
+    myGPT2Block): no pre-norm on the branches (ln_1 kept in the first block only, their "embedding LN"; ln_f
+    kept), QK-norm in the attention, each branch added times a fixed gain (resid_gain, their 0.2 for 18
+    layers; O(1 / sqrt(depth)) in general). Where quietgpt's op differs from theirs: the MLP stays GELU (theirs
+    ReLU) and the init stays nanoGPT's, so that the shared weights are every variant's at a seed."""
+
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        op = config.block == "op"
+        self.ln_1 = make_norm(config.norm, config.n_embd, config.bias) if not op or layer == 0 else nn.Identity()
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.Identity() if op else make_norm(config.norm, config.n_embd, config.bias)
         self.mlp = MLP(config)
+        self.gain = config.resid_gain if op else 1.0  # a constant, not a parameter (theirs are frozen)
         self.tap_resid = nn.Identity()  # the residual sum after attention (ln_2's input); quant.py hooks it
         self.tap_out = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.tap_resid(x + self.attn(self.ln_1(x)))
-        x = x + self.mlp(self.ln_2(x))
+        if self.gain == 1.0:  # GPT-2's block: no multiplication, bit for bit the pre-norm model
+            x = self.tap_resid(x + self.attn(self.ln_1(x)))
+            x = x + self.mlp(self.ln_2(x))
+        else:
+            x = self.tap_resid(x + self.gain * self.attn(self.ln_1(x)))
+            x = x + self.gain * self.mlp(self.ln_2(x))
         return self.tap_out(x)
 
 
@@ -237,9 +270,12 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=make_norm(config.norm, config.n_embd, config.bias),
         ))
+        # OSP's embedding projections (C x C, identity at init: the model starts as the one without them)
+        self.emb_proj = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.embed_proj else None
+        self.head_proj = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.embed_proj else None
         self.tap_embeddings = nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds.
@@ -253,8 +289,13 @@ class GPT(nn.Module):
         self._init_variant_extras()
 
     def _init_variant_extras(self) -> None:
-        """The variants' own parameters, drawn after every shared one (so those match across variants)."""
+        """The variants' and recipes' own parameters, drawn after every shared one (so those match across
+        variants and recipes). OSP's projections start as the identity (theirs are orthogonal at init: identity
+        keeps the model's function at init, and the paired design, unchanged)."""
         c = self.config
+        for proj in (self.emb_proj, self.head_proj):
+            if proj is not None:
+                torch.nn.init.eye_(proj.weight)
         for block in self.transformer.h:
             gate, core = block.attn.gate, block.attn.core
             if isinstance(gate, HeadGate):  # start every gate near gate_init; small random weights learn from there
@@ -262,11 +303,16 @@ class GPT(nn.Module):
                 torch.nn.init.constant_(gate.bias, math.log(c.gate_init / (1.0 - c.gate_init)))
             elif isinstance(gate, OutputGate) and gate.weight is not None:  # as q_proj's columns in Qiu et al.
                 torch.nn.init.normal_(gate.weight, mean=0.0, std=0.02)
+            if core.diff is not None:  # Ye et al.'s init: lambda's vectors N(0, 0.1) (multihead_diffattn.py)
+                for vec in (core.diff.lq1, core.diff.lk1, core.diff.lq2, core.diff.lk2):
+                    torch.nn.init.normal_(vec, mean=0.0, std=0.1)
             if core.k_bias is not None:  # Sun et al.'s init (locuslab/massive-activations, model_attn_bias.py)
                 torch.nn.init.normal_(core.k_bias, mean=0.0, std=0.02)
                 torch.nn.init.normal_(core.v_bias, mean=0.0, std=0.02)
 
     def _init_weights(self, module: nn.Module) -> None:
+        if module is self.emb_proj or module is self.head_proj:
+            return  # a recipe's own parameters: set in _init_variant_extras, drawing nothing from the RNG
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
@@ -287,10 +333,15 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"cannot forward a sequence of length {T}; block_size is {self.config.block_size}")
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.tap_embeddings(self.transformer.wte(idx) + self.transformer.wpe(pos)))
+        tok = self.transformer.wte(idx)
+        if self.emb_proj is not None:
+            tok = self.emb_proj(tok)
+        x = self.transformer.drop(self.tap_embeddings(tok + self.transformer.wpe(pos)))
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
+        if self.head_proj is not None:
+            x = self.head_proj(x)
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -11,6 +11,8 @@
                2025's G1 gate (elementwise, headwise or a learned constant: model.gate_mode)
     sigmoid    sigmoid(s_i + b), b = -log(T) by default, no row normalisation   (Ramapuram et al. 2024)
     kvbias     softmax over [k'; keys] with values [v'; values], k' and v' learned per head (Sun et al. 2024)
+    diff       softmax(q1 k1^T s) - lambda softmax(q2 k2^T s), halves of each head's q and k, lambda learned per
+               layer, a sub-layer RMSNorm after (Ye et al. 2025, Differential Transformer; nn/diff.py)
 
 A Variant holds its reference weights (a formula of softmax.py), its fast path (a FastPath: which path
 runs for given inputs, and running it: SDPA, kernels.py's LSE paths, chunked.py's blocked pass), its
@@ -152,7 +154,18 @@ def _check_sigmoid(o: VariantOptions) -> None:
                           f"got {o.sigmoid_bias!r}")
 
 
+def _diff_weights(scores: Tensor, **_) -> Tensor:
+    raise ConfigError("attention variant 'diff' needs its lambda: run it through attention(..., diff_lambda=) or "
+                      "QuietAttention, which call nn/diff.py")
+
+
+def _diff_run(*_args) -> Tensor:
+    raise ConfigError("attention variant 'diff' runs through nn/diff.py (attention.py dispatches it)")
+
+
 SDPA = FastPath(choose=lambda q, dropout_p, cuda_kernel: "sdpa", run=_sdpa)
+DIFF = FastPath(choose=lambda q, dropout_p, cuda_kernel: "diff-sdpa" if dropout_p == 0.0 else "reference",
+                run=_diff_run)
 NULL_LOGIT = FastPath(choose=null_path, run=_null_run)  # an LSE kernel, else the null-key prefix
 KV_BIAS = FastPath(choose=kv_bias_path, run=_kv_run)  # the LSE kernels with a per-query null logit; prefix at small T
 
@@ -188,6 +201,8 @@ VARIANT_SPECS: dict[str, Variant] = {
                        options=("sigmoid_bias",), config_fields=("sigmoid_bias",), unassigned=True,
                        fast_dropout=False),
     "kvbias": Variant(_null_weights, KV_BIAS, unassigned=True),  # its null logit q.k' is computed per query
+    # two maps and a learned lambda: attention.py runs it through nn/diff.py (its weights need lambda)
+    "diff": Variant(_diff_weights, DIFF, unassigned=True, fast_dropout=False),
 }
 VARIANTS = tuple(VARIANT_SPECS)
 NULL_VARIANTS = tuple(v for v, s in VARIANT_SPECS.items() if s.unassigned)  # report 1 - row sum

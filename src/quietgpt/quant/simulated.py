@@ -31,7 +31,7 @@ from quietgpt.nn.model import GPT
 from quietgpt.quant.gptq import Hessian, gptq_quantize
 from quietgpt.quant.grids import ActQuantizer, quantize_per_vector, quantize_weight
 from quietgpt.quant.spec import GPTQ_DAMP, QuantConfig
-from quietgpt.quant.transforms import rotate_residual, smooth
+from quietgpt.quant.transforms import check_transforms, fold_embedding_projections, rotate_residual, smooth
 
 Tensor = torch.Tensor
 
@@ -124,7 +124,10 @@ def build(model: GPT, cfg: QuantConfig, calib: list[Tensor], keep: set[str] | No
     qmodel = copy.deepcopy(model).eval()
     wanted: Callable[[str], bool] = (lambda g: True) if keep is None else (lambda g: g in keep)
     state = QuantState(cfg, qmodel, {}, [], {g: [] for g in quant_groups(model)})
+    check_transforms(cfg.smooth is not None, cfg.rotate, model.config)
     with torch.no_grad():
+        if fold_embedding_projections(qmodel):
+            state.notes.append("OSP's embedding projections folded into an untied wte and lm_head")
         if cfg.smooth is not None:
             smooth(qmodel, calib, cfg.smooth)
             state.notes.append(f"SmoothQuant alpha {cfg.smooth:g} on ln_1 and ln_2")

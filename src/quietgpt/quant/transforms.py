@@ -27,6 +27,12 @@ where the width C is 2^k or 12 * 2^k, else a seeded Haar-random orthogonal matri
 is rotated: QuaRot's online Hadamards inside the attention and before the MLP's down-projection are not
 applied. The gated variant's per-head gate reads head slices of the stream; it becomes one dense linear
 layer (DenseHeadGate, the same function) so that it can be rotated.
+
+Both transforms are derived for GPT-2's pre-norm LayerNorm block; the recipes' other norms and the
+outlier-protected block (no norm before the branches) are refused (check_transforms). OSP's embedding
+projections are folded into an untied token embedding and head before anything else (fold_embedding_
+projections): a deployed model would fold them the same way, and the folded matrices are then quantized as the
+embedding and head are.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quietgpt.errors import QuietError
 from quietgpt.nn.gates import HeadGate
-from quietgpt.nn.model import GPT
+from quietgpt.nn.model import GPT, GPTConfig
 
 Tensor = torch.Tensor
 
@@ -192,6 +199,35 @@ def smooth(model: GPT, calibration: Iterable[Tensor], alpha: float) -> dict[str,
             _scale_columns(r, s.to(device))
         scales[names[ln]] = s
     return scales
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def check_transforms(smooth: bool, rotate: bool, config: GPTConfig) -> None:
+    """One-line QuietError if SmoothQuant (`smooth`) or the rotation (`rotate`) is asked of a model they are not
+    derived for: a norm other than LayerNorm or the outlier-protected block."""
+    if not (smooth or rotate) or (config.norm == "layernorm" and config.block == "prenorm"):
+        return
+    what = "smooth (SmoothQuant)" if smooth else "rot (QuaRot rotation)"
+    raise QuietError(f"quantization {what} is derived for the pre-norm LayerNorm block, not model.norm={config.norm}, "
+                     f"model.block={config.block}; quantize this model without it (docs/quantization.md)")
+
+
+@torch.no_grad()
+def fold_embedding_projections(model: GPT) -> bool:
+    """OSP's projections into the token embedding and head, in place on a copy: wte <- wte E^T (a token's
+    row enters the stream already projected), lm_head <- W P (logits = (x P^T) W^T), untied, the projections
+    removed. The logits do not change (up to rounding). Returns whether there was anything to fold."""
+    if model.emb_proj is None:
+        return False
+    wte = model.transformer.wte.weight.detach().to(torch.float64)
+    E, P = model.emb_proj.weight.detach().to(torch.float64), model.head_proj.weight.detach().to(torch.float64)
+    dtype = model.transformer.wte.weight.dtype
+    model.lm_head.weight = nn.Parameter((wte @ P).to(dtype))  # the tied head was wte; it now reads P x
+    model.transformer.wte.weight = nn.Parameter((wte @ E.T).to(dtype))
+    model.emb_proj = model.head_proj = None
+    return True
 
 
 # ----------------------------------------------------------------------------- rotation

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from quietgpt.config import (
+    RECIPES,
     SECTIONS,
     DataConfig,
     Hypothesis,
@@ -30,7 +31,7 @@ from quietgpt.config import (
 from quietgpt.errors import ConfigError
 from quietgpt.measurement.registry import Metric, study_metrics
 from quietgpt.nn.model import GPTConfig
-from quietgpt.nn.variants import VARIANT_FIELDS
+from quietgpt.nn.variants import VARIANT_FIELDS, VARIANTS
 from quietgpt.presets import read_toml, study_preset_names, study_preset_text, tomllib
 
 MEASURE_KEYS = ("quant", "n_sequences", "calib_batches", "eval_tokens", "sensitivity")
@@ -89,16 +90,23 @@ class StudySpec:
         return f"{self.baseline}+{self.optimizers[0]}" if self.optimizers else self.baseline
 
     def arm_parts(self, arm: str) -> tuple[str, str]:
-        """(attention variant, optimizer) of an arm."""
+        """(attention variant or recipe, optimizer) of an arm: the arm's own "+optimizer", else the recipe's
+        optimizer, else the run config's."""
         variant, _, optimizer = arm.partition("+")
-        return variant, optimizer or self.run.train.optimizer
+        return variant, optimizer or str(RECIPES.get(variant, {}).get("train.optimizer", self.run.train.optimizer))
+
+    def arm_settings(self, arm: str) -> dict[str, object]:
+        """The settings an arm puts on the shared run config: its attention variant, or its recipe's bundle on
+        softmax (config.RECIPES); its optimizer; the variant's own options (study.variant_options)."""
+        variant, optimizer = self.arm_parts(arm)
+        if variant in RECIPES:
+            return {"model.attention": "softmax", **RECIPES[variant], "train.optimizer": optimizer}
+        own = {k: v for k, v in self.variant_options.items() if VARIANT_FIELDS[k.split(".", 1)[1]] == variant}
+        return {**own, "model.attention": variant, "train.optimizer": optimizer}
 
     def run_config(self, arm: str, seed: int, run_dir: str | Path) -> RunConfig:
-        """The RunConfig of one run: the shared config with this arm's variant (and optimizer), seed, folder."""
-        variant, optimizer = self.arm_parts(arm)
-        own = {k: v for k, v in self.variant_options.items() if VARIANT_FIELDS[k.split(".", 1)[1]] == variant}
-        return apply_overrides(self.run, {**own, "model.attention": variant, "train.optimizer": optimizer,
-                                          "train.seed": seed, "train.out_dir": str(run_dir)})
+        """The RunConfig of one run: the shared config with this arm's settings, seed, folder."""
+        return apply_overrides(self.run, {**self.arm_settings(arm), "train.seed": seed, "train.out_dir": str(run_dir)})
 
     @property
     def metrics(self) -> dict[str, Metric]:
@@ -212,7 +220,29 @@ def _study_doc(preset: str) -> tuple[dict, str]:
 
 
 def _flat_str(tables: Mapping[str, Mapping]) -> dict[str, str]:
-    return {f"{sec}.{k}": str(v) for sec, t in tables.items() for k, v in t.items()}
+    """{"section.key": text}; a table inside a section (train.optimizer_args) as "section.table.key"."""
+    return {f"{sec}.{k}{'.' + sub if sub else ''}": str(x) for sec, t in tables.items() for k, v in t.items()
+            for sub, x in (v.items() if isinstance(v, dict) else [("", v)])}
+
+
+def _check_quant_per_arm(spec: StudySpec) -> None:
+    """A quant config whose transform an arm's model cannot take (SmoothQuant or the rotation on a recipe with
+    another norm or block) is an error now, not a failed evaluation per run."""
+    from quietgpt.quant.spec import parse_quant_list
+    from quietgpt.quant.transforms import check_transforms
+
+    configs = parse_quant_list([*spec.quant, *spec.sensitivity])
+    for arm in spec.arms:
+        model = spec.run_config(arm, spec.seeds[0], ".").model
+        for q in configs:
+            check_transforms(getattr(q, "smooth", None) is not None, bool(getattr(q, "rotate", False)), model)
+
+
+def check_arm_name(name: str) -> None:
+    """A study variant is an attention variant or a recipe (config.RECIPES); else a one-line ConfigError."""
+    if name not in RECIPES and name not in VARIANTS:
+        raise ConfigError(f"unknown attention variant or recipe {name!r}; choose among the variants "
+                          f"{', '.join(VARIANTS)} and the recipes {', '.join(RECIPES)}")
 
 
 def _split_variant_options(tables: dict, cli: dict, variants: Sequence[str]) -> tuple[dict, dict, dict]:
@@ -237,7 +267,6 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
                  seed_start: int | None = None, ensemble: bool | None = None) -> StudySpec:
     """The study `preset` (name or TOML path) with the caller's choices on top; every bad value is a
     one-line ConfigError naming it."""
-    from quietgpt.nn.variants import check_variant
     from quietgpt.quant.spec import parse_quant_list
 
     doc, name = _study_doc(preset)
@@ -252,7 +281,7 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
                                "seed_start": seed_start, "ensemble": ensemble}.items()
              if v is not None}
     for v in variants or doc.get("study", {}).get("variants") or ():  # a bad name first, then the baseline check
-        check_variant(v)
+        check_arm_name(v)
     sc = StudyConfig.from_dict({**doc.get("study", {}), **given}, f"[study] of {name}")
     base = sc.base if "study" in doc else name  # a plain run-config file is its own base
     tables = {k: v for k, v in doc.items() if k in SECTIONS} if "study" in doc else {}
@@ -280,6 +309,7 @@ def resolve_spec(preset: str = "default", *, variants: Sequence[str] | None = No
                      variant_options=vopts, sensitivity=sens, alpha=sc.alpha, primary=sc.primary,
                      source=_study_source(preset), ensemble=sc.ensemble)
     check_hypotheses(spec)
+    _check_quant_per_arm(spec)
     return spec
 
 

@@ -1,4 +1,4 @@
-"""The optimizer as a variable: `train.optimizer` = adamw | muon | orthoadam.
+"""The optimizer as a variable: `train.optimizer` = adamw | muon | orthoadam, or one of pytorch-optimizer's.
 
 Kaul et al. (ICLR 2025, "From Attention to Activation") trace outlier activations to Adam's
 per-coordinate scaling and remove them with OrthoAdam; Park et al. 2025 ("Outlier-Safe Pre-Training")
@@ -20,6 +20,12 @@ remove them with Muon. So the optimizer is a study axis like the attention varia
              matrices); larger axes (a GPT-2 vocabulary) stay unrotated. With every Q = I it is AdamW
              exactly (a test).
 
+* soap, shampoo, lion, lib:<name>  the pytorch-optimizer library's (config.LIBRARY_OPTIMIZERS says which class
+             and why each default): over the decay/no-decay groups, at the scheduled rate times the
+             optimizer's lr_scale, weight decay train.weight_decay times its wd_scale, every other option the
+             library's default or train.optimizer_args'. The library is written and tested by others; quietgpt
+             only wires it (tests/test_optim.py holds the wiring against the library driven by hand).
+
 The learning-rate schedule scales every group: a group's `lr_scale` (Muon's muon_lr / learning_rate)
 multiplies the scheduled rate (training/step.py), so warmup and decay apply to both optimizers.
 """
@@ -31,10 +37,11 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from quietgpt.config import OPTIMIZERS, TrainConfig
+from quietgpt.config import OPTIMIZERS, TrainConfig, library_optimizer
 from quietgpt.nn.model import is_block_matmul
 
-__all__ = ["OPTIMIZERS", "Chained", "OrthoAdam", "build_optimizer", "haar_orthogonal", "muon_params", "rotate"]
+__all__ = ["OPTIMIZERS", "Chained", "Muon", "OrthoAdam", "build_optimizer", "haar_orthogonal", "muon_params",
+           "newton_schulz", "rotate"]
 
 
 def build_optimizer(model, tc: TrainConfig, device_type: str) -> torch.optim.Optimizer | Chained:
@@ -45,24 +52,93 @@ def build_optimizer(model, tc: TrainConfig, device_type: str) -> torch.optim.Opt
     if tc.optimizer == "orthoadam":
         return OrthoAdam(model.param_groups(tc.weight_decay), lr=tc.learning_rate, betas=betas,
                          max_rotate_dim=tc.orthoadam_max_dim, seed=tc.seed)
+    if tc.optimizer not in OPTIMIZERS:
+        return build_library_optimizer(model, tc)
     hidden = {id(p) for _, p in muon_params(model)}
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]}
             for g in model.param_groups(tc.weight_decay)]
-    muon = torch.optim.Muon([p for p in model.parameters() if id(p) in hidden], lr=tc.muon_lr,
-                            weight_decay=tc.weight_decay, momentum=tc.muon_momentum, nesterov=True,
-                            adjust_lr_fn="original")
+    muon = Muon([p for p in model.parameters() if id(p) in hidden], lr=tc.muon_lr, weight_decay=tc.weight_decay,
+                momentum=tc.muon_momentum, nesterov=True, adjust_lr_fn="original",
+                ns_dtype=None if device_type == "cuda" else torch.float32)
     for g in muon.param_groups:
         g["lr_scale"] = tc.muon_lr / tc.learning_rate  # the schedule moves Muon's rate in proportion
     adamw = torch.optim.AdamW([g for g in rest if g["params"]], lr=tc.learning_rate, betas=betas)
     return Chained([muon, adamw])
 
 
+def build_library_optimizer(model, tc: TrainConfig) -> torch.optim.Optimizer:
+    """pytorch-optimizer's tc.optimizer over the model's decay/no-decay groups (see the module docstring)."""
+    cls, spec = library_optimizer(tc.optimizer)
+    args = dict(tc.optimizer_args)
+    lr_scale, wd_scale = float(args.pop("lr_scale", spec.lr_scale)), float(args.pop("wd_scale", spec.wd_scale))
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}  # TOML arrays: betas
+    groups = model.param_groups(tc.weight_decay * wd_scale)
+    for g in groups:
+        g["lr_scale"] = lr_scale
+    return cls(groups, lr=tc.learning_rate * lr_scale, **args)
+
+
 def muon_params(model) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) of the hidden matmul weights Muon takes: every block's BLOCK_MATMULS weights, and the
+    """(name, parameter) of the hidden matmul weights Muon takes: every block's BLOCK_MATMULS weights, the
     outgate variant's gate projection (a matmul over the whole block input, like q_proj's columns it comes
-    from in Qiu et al.); nothing else."""
+    from in Qiu et al.) and OSP's embedding projections (C x C; OSP trains them with Muon); nothing else."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and
-            (is_block_matmul(n) or (n.endswith(".attn.gate.weight") and model.config.attention == "outgate"))]
+            (is_block_matmul(n) or (n.endswith(".attn.gate.weight") and model.config.attention == "outgate")
+             or n in ("emb_proj.weight", "head_proj.weight"))]
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon whose Newton-Schulz iteration runs in `ns_dtype` (None: torch's own, bfloat16).
+
+    Everything else is torch's step operation for operation (momentum lerp, Nesterov, the quintic iteration and
+    its coefficients, decoupled weight decay, the shape scaling); with ns_dtype None it is torch.optim.Muon
+    exactly (a test). On a CPU without fast bfloat16 matmuls the five iterations' bfloat16 products are most
+    of a step's time (`python benchmarks/train_step.py --optimizers adamw,muon`): build_optimizer runs them in
+    float32 there, and keeps bfloat16 on CUDA."""
+
+    def __init__(self, params, *, ns_dtype: torch.dtype | None = None, **kw):
+        super().__init__(params, **kw)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.ns_dtype is None:
+            return super().step(closure)
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            todo: dict[tuple, list] = {}  # same-shaped matrices run their iterations as one batched matmul
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - mom)
+                todo.setdefault(tuple(p.shape), []).append((p, p.grad.lerp(buf, mom) if group["nesterov"] else buf))
+            for shape, items in todo.items():
+                updates = newton_schulz(torch.stack([u for _, u in items]), group["ns_coefficients"],
+                                        group["ns_steps"], group["eps"], self.ns_dtype)
+                step = torch.optim._muon._adjust_lr(lr, group["adjust_lr_fn"], torch.Size(shape))
+                for (p, _), u in zip(items, updates, strict=True):
+                    p.mul_(1 - lr * wd)
+                    p.add_(u.to(p.dtype), alpha=-step)
+        return loss
+
+
+def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """torch.optim._muon's quintic Newton-Schulz iteration (Keller Jordan's) in `dtype` instead of bfloat16, on
+    one matrix (m, n) or a stack of same-shaped ones (k, m, n), each normalised by its own Frobenius norm."""
+    a, b, c = coefficients
+    x = grad.to(dtype)
+    tall = grad.size(-2) > grad.size(-1)
+    if tall:
+        x = x.mT
+    x = x / torch.linalg.matrix_norm(x, keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a) if x.dim() == 3 else \
+            torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Chained:
