@@ -205,3 +205,27 @@ def test_benchmark_goal_column():
     assert _goal(1.06, 1.05, "<=") == "<= 1.05: missed"
     assert _goal(0.96, 0.97, ">=") == ">= 0.97: missed"
     assert _goal(1.3, None, "<=") == ""
+
+
+def test_sinks_ladder_summary_reads_tokens_and_largest_values(tmp_path):
+    """benchmarks/sinks_ladder.py's map: tokens seen = iteration x batch x accumulation x context (from each run's
+    config.json), the largest and final trajectory values per metric (a planted run), and the plot written."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import sinks_ladder as L
+
+    run = tmp_path / "wd1.0-s0"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({
+        "model": {"block_size": 64}, "data": {"source": "x.txt"},
+        "train": {"batch_size": 12, "gradient_accumulation_steps": 2, "learning_rate": 1e-3, "weight_decay": 1.0,
+                  "max_iters": 200}}))
+    rows = [{"iter": 0, "loss": 4.0}] + [
+        {"iter": i, "outliers": {"sink_rate": s, "first_token_mass_mean": m, "massive_ratio_max": 5.0 + i / 100}}
+        for i, s, m in ((0, 0.0, 0.07), (100, 0.25, 0.30), (200, 0.125, 0.20))]
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    out = L.summarise(tmp_path)["runs"]["wd1.0-s0"]
+    assert out["tokens"] == 200 * 12 * 2 * 64
+    assert out["largest"]["sink_rate"] == 0.25 and out["final"]["sink_rate"] == 0.125
+    assert out["largest"]["first_token_mass_mean"] == 0.30 and out["largest"]["massive_ratio_max"] == 7.0
+    assert out["config"]["weight_decay"] == 1.0
+    assert (tmp_path / "ladder.png").stat().st_size > 0 and (tmp_path / "ladder.json").exists()

@@ -48,3 +48,19 @@ def test_predictor_table_reads_rows_and_skips_missing_values():
     t = predictor_table(rows, ["ppl_ratio_w4a8"])["ppl_ratio_w4a8"]
     assert set(t) == {"weight_kurtosis_max"} and t["weight_kurtosis_max"]["n"] == 10
     assert t["weight_kurtosis_max"]["within"] == pytest.approx(1.0)
+
+
+def test_a_metric_with_too_few_distinct_values_is_not_ranked():
+    """Review defect: a sink rate that is 0 in 13 of 15 runs was called a predictor, with a within-variant
+    interval [+0.42, +0.56] that did not hold its own estimate +0.41 (resamples of mostly tied values). Fewer
+    than MIN_DISTINCT distinct values: no correlation, no claim, the reason given."""
+    from quietgpt.study.predictors import MIN_DISTINCT, correlate
+
+    x = [0.0] * 13 + [0.002, 0.002]
+    y = [float(i) for i in range(15)]
+    groups = ["a"] * 5 + ["b"] * 5 + ["c"] * 5
+    r = correlate(x, y, groups)
+    assert r["pooled"] is None and r["within"] is None and not r["predicts"] and r["note"] == "2 distinct values"
+    assert MIN_DISTINCT == 5
+    ok = correlate([float(i) ** 2 for i in range(15)], y, groups)  # a monotone relation is still found
+    assert ok["pooled"] == 1.0 and ok["predicts"]

@@ -66,7 +66,8 @@ def predictors_section(results: dict) -> list[tuple]:
         if not table:
             continue
         rows = [[labels.get(k, k), str(v["n"]), _rho(v["pooled"], v["pooled_ci"]), _rho(v["within"], v["within_ci"]),
-                 "yes" if v["predicts"] else "no"] for k, v in ordered(table)]
+                 "yes" if v["predicts"] else f"no ({v['note']})" if v.get("note") else "no"]
+                for k, v in ordered(table)]
         good = [labels.get(k, k) for k, v in ordered(table) if v["predicts"]]
         inner += [("p", f"{labels.get(pen, pen)}: " + (f"predicted by {', '.join(good)}." if good else
                                                         "no outlier metric predicts it in both senses.")),

@@ -12,7 +12,9 @@ For every outlier metric of the registry (PREDICTORS) and every quantization pen
 each with a 95% bootstrap interval (2000 resamples of runs, stratified by arm, seed 0; percentile
 intervals). Over training, the same pooled correlation over every (run, iteration) point where a trajectory
 measured both, the bootstrap resampling whole runs (500 resamples). A metric "predicts" a penalty when both
-the pooled and the within interval exclude 0 with the same sign.
+the pooled and the within interval exclude 0 with the same sign. A metric with fewer than MIN_DISTINCT distinct
+values over the runs (a sink rate that is 0 in almost every run) is not ranked: its rank correlation would rest on
+ties, and its resamples, mostly constant, would give intervals that need not even hold the estimate.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from scipy import stats as sps
 
 BOOTSTRAP = 2000
+MIN_DISTINCT = 5  # distinct values a metric and a penalty need over the runs to be rank-correlated
 # outlier metrics (registry keys) that a study records per run; those a study lacks are skipped
 PREDICTORS = ("weight_kurtosis_max", "weight_kurtosis_mean", "weight_max_abs", "wpe_kurtosis", "wpe_max_abs",
               "wte_kurtosis", "wte_max_abs", "act_inf_norm_max", "act_kurtosis_mean", "bondarenko_max_inf_norm",
@@ -77,6 +80,10 @@ def correlate(x: Sequence[float], y: Sequence[float], groups: Sequence[str], see
     """{n, pooled, pooled_ci, within, within_ci, predicts} for paired values x, y labelled by group: the
     statistics on the data, and percentile intervals over BOOTSTRAP resamples drawn within each group."""
     x, y, g = np.asarray(x, float), np.asarray(y, float), np.asarray(groups)
+    distinct = min(len(np.unique(x)), len(np.unique(y)))
+    if distinct < MIN_DISTINCT:
+        return {"n": len(x), "pooled": None, "pooled_ci": [None, None], "within": None, "within_ci": [None, None],
+                "predicts": False, "note": f"{distinct} distinct values"}
     order = np.argsort(g, kind="stable")
     x, y, g = x[order], y[order], g[order]
     starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
