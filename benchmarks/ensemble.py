@@ -88,21 +88,23 @@ def prototype(variant: str, S: int, rounds: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def study(data: str, S: int, iters: int, out: Path) -> dict:
+MODES = {"pool": {}, "ensemble": {"ensemble": True, "jobs": 1}, "ensemble_2_at_a_time": {"ensemble": True, "jobs": 2}}
+
+
+def study(data: str, S: int, iters: int, out: Path, modes: tuple[str, ...] = tuple(MODES)) -> dict:
     from quietgpt.study import run_study
 
     sets = {"train.max_iters": str(iters), "train.lr_decay_iters": str(iters),
             "train.outlier_interval": str(max(1, iters // 4)), "train.eval_interval": str(max(1, iters // 2))}
     rows = {}
-    for mode, kw in (("pool", {}), ("ensemble", {"ensemble": True, "jobs": 1}),
-                     ("ensemble_2_at_a_time", {"ensemble": True, "jobs": 2})):
+    for mode, kw in ((m, MODES[m]) for m in modes):
         t = time.perf_counter()
         res = run_study(out / mode, "outliers-cpu", seeds=S, data=data, overrides=sets, progress=False, **kw)
         rows[mode] = {"wall_s": time.perf_counter() - t, "ok": sum(r["status"] == "ok" for r in res["runs"]),
                       "runs": len(res["runs"]),
                       "val_loss": {f"{r['variant']}-s{r['seed']}": r.get("val_loss") for r in res["runs"]}}
         print(json.dumps({mode: round(rows[mode]["wall_s"], 1)}), flush=True)
-    best = min(("ensemble", "ensemble_2_at_a_time"), key=lambda k: rows[k]["wall_s"])
+    best = min((m for m in rows if m != "pool"), key=lambda k: rows[k]["wall_s"])
     diffs = [abs(rows[best]["val_loss"][k] - v) for k, v in rows["pool"]["val_loss"].items()
              if v is not None and rows[best]["val_loss"].get(k) is not None]
     return {"members": S, "iters": iters, "modes": rows, "best_ensemble_mode": best,
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="tinyshakespeare.txt (the study part)")
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--keep", help="keep the study folders here")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"the study part's ways, comma-separated among {', '.join(MODES)} (pool is needed)")
     args = ap.parse_args(argv)
     out: dict = {"benchmark": "ensemble", "torch": torch.__version__}
     if args.prototype:
@@ -130,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.data:
             print("ensemble.py: --study needs --data tinyshakespeare.txt", file=sys.stderr)
             return 2
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        if "pool" not in modes or len(modes) < 2 or any(m not in MODES for m in modes):
+            print(f"ensemble.py: --modes needs pool and at least one of {', '.join(list(MODES)[1:])}", file=sys.stderr)
+            return 2
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(args.keep) if args.keep else Path(tmp)
-            out["study"] = [study(args.data, S, args.iters, root / f"S{S}") for S in args.members]
+            out["study"] = [study(args.data, S, args.iters, root / f"S{S}", modes) for S in args.members]
     atomic_write_json(args.json, out)
     return 0
 
