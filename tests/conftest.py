@@ -74,3 +74,28 @@ def _small_bpe(text: str, n_merges: int = 150):
 def small_bpe():
     """_small_bpe: a stand-in for tiktoken's gpt2 encoding, trained on a given text (needs tiktoken and regex)."""
     return _small_bpe
+
+
+@pytest.fixture
+def ensemble_equals_members():
+    """A check: three members' EnsembleGPT gives each member's own logits, loss and parameter gradients (to atol)
+    on one random batch per member; returns the ensemble."""
+
+    def check(members, atol: float):
+        from quietgpt.nn.ensemble import EnsembleGPT
+
+        idx, tgt = torch.randint(0, 40, (len(members), 4, 16)), torch.randint(0, 40, (len(members), 4, 16))
+        solo = [m(idx[i], tgt[i]) for i, m in enumerate(members)]
+        grads = [torch.autograd.grad(solo[i][1], list(m.parameters())) for i, m in enumerate(members)]
+        ens = EnsembleGPT(members)
+        logits, loss = ens(idx, tgt)
+        loss.sum().backward()
+        ens.member_grads(members)
+        for i, m in enumerate(members):
+            assert torch.allclose(logits[i], solo[i][0], atol=atol)
+            assert float(loss[i].detach() - solo[i][1].detach()) == pytest.approx(0)
+            for g, p in zip(grads[i], m.parameters(), strict=True):
+                assert torch.allclose(g, p.grad, atol=atol)
+        return ens
+
+    return check

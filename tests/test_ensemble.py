@@ -15,7 +15,6 @@ from quietgpt import GPT, GPTConfig
 from quietgpt.cli import main
 from quietgpt.config import load_config
 from quietgpt.errors import ConfigError, QuietError
-from quietgpt.nn.ensemble import EnsembleGPT
 from quietgpt.runs.checkpoint import load_model
 from quietgpt.training import ensemble as E
 from quietgpt.training.loop import train
@@ -42,7 +41,7 @@ def losses(run: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_the_ensemble_forward_and_gradients_are_each_members(variant, float64):
+def test_the_ensemble_forward_and_gradients_are_each_members(variant, float64, ensemble_equals_members):
     """Three members with moved weights: logits, losses and every parameter gradient of the ensemble equal each
     member's own forward and backward to float64 rounding; the members' parameters are views of the stack."""
     members = []
@@ -53,18 +52,7 @@ def test_the_ensemble_forward_and_gradients_are_each_members(variant, float64):
             for p in m.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
         members.append(m)
-    idx, tgt = torch.randint(0, 40, (3, 4, 16)), torch.randint(0, 40, (3, 4, 16))
-    solo = [m(idx[i], tgt[i]) for i, m in enumerate(members)]
-    grads = [torch.autograd.grad(solo[i][1], list(m.parameters())) for i, m in enumerate(members)]
-    ens = EnsembleGPT(members)
-    logits, loss = ens(idx, tgt)
-    loss.sum().backward()
-    ens.member_grads(members)
-    for i, m in enumerate(members):
-        assert torch.allclose(logits[i], solo[i][0], atol=1e-13)
-        assert float(loss[i].detach() - solo[i][1].detach()) == pytest.approx(0)
-        for g, p in zip(grads[i], m.parameters(), strict=True):
-            assert torch.allclose(g, p.grad, atol=1e-13)
+    ens = ensemble_equals_members(members, atol=1e-13)
     with torch.no_grad():  # a member's parameter is a view: the stack sees its change
         members[1].transformer.wpe.weight[0, 0] = 123.0
     assert float(ens.transformer.wpe.weight.detach()[1, 0, 0]) == 123.0

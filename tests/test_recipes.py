@@ -16,7 +16,6 @@ from quietgpt.config import RECIPES, load_config
 from quietgpt.errors import ConfigError, QuietError
 from quietgpt.nn.attention import attention
 from quietgpt.nn.diff import diff_fast, diff_lambda, diff_reference, lambda_init
-from quietgpt.nn.ensemble import EnsembleGPT
 from quietgpt.nn.norms import QKNorm, SingleScaleRMSNorm, make_norm
 from quietgpt.quant.simulated import quantized
 from quietgpt.quant.spec import parse_quant
@@ -242,19 +241,8 @@ def test_diff_rows_sum_to_one_minus_lambda_and_the_tap_sees_them(float64):
 
 @pytest.mark.parametrize("settings", [{"norm": "rmsnorm"}, {"norm": "ssnorm", "embed_proj": True}, {"block": "op"},
                                       {"attention": "diff"}])
-def test_the_ensemble_forward_and_gradients_are_each_members(float64, settings):
-    members = [moved(GPT(tiny(**settings)), seed=s) for s in range(3)]
-    idx, tgt = torch.randint(0, 40, (3, 4, 16)), torch.randint(0, 40, (3, 4, 16))
-    solo = [m(idx[i], tgt[i]) for i, m in enumerate(members)]
-    grads = [torch.autograd.grad(solo[i][1], list(m.parameters())) for i, m in enumerate(members)]
-    ens = EnsembleGPT(members)
-    logits, loss = ens(idx, tgt)
-    loss.sum().backward()
-    ens.member_grads(members)
-    for i, m in enumerate(members):
-        assert torch.allclose(logits[i], solo[i][0], atol=1e-12)
-        for g, p in zip(grads[i], m.parameters(), strict=True):
-            assert torch.allclose(g, p.grad, atol=1e-12)
+def test_the_ensemble_forward_and_gradients_are_each_members(float64, settings, ensemble_equals_members):
+    ensemble_equals_members([moved(GPT(tiny(**settings)), seed=s) for s in range(3)], atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- optimizers of the library
