@@ -17,6 +17,7 @@ from quietgpt.measurement.collectors import StatsCollector, weight_stats
 from quietgpt.measurement.evaluate import measure
 from quietgpt.measurement.moments import Moments, kurtosis
 from quietgpt.measurement.perplexity import eval_windows
+from quietgpt.nn.variants import VARIANTS
 
 
 def tiny(attention: str = "softmax", seed: int = 0, **kw) -> GPT:
@@ -117,6 +118,22 @@ def test_weights_by_layer_pools_the_same_four_matmuls_in_every_variant(attention
     kinds = {r["name"]: r["kind"] for r in rows}
     extras = [n for n in kinds if ".core.k_bias" in n or ".core.v_bias" in n or ".attn.gate." in n]
     assert all(kinds[n] != "linear" for n in extras), {n: kinds[n] for n in extras}
+
+
+@pytest.mark.parametrize("attention, extra", [(v, {}) for v in VARIANTS] + [
+    ("softmax", {"norm": "ssnorm"}), ("softmax", {"norm": "rmsnorm"}), ("softmax", {"block": "op"}),
+    ("softmax", {"embed_proj": True}), ("diff", {"block": "op", "norm": "ssnorm", "embed_proj": True})])
+def test_every_parameter_of_every_variant_and_recipe_has_a_weight_kind(attention, extra):
+    """Defect (recipes-cpu's first launch): diff's lambda vectors had no kind, so weight_stats raised and every
+    diff run of the study failed at its first outlier snapshot. Every parameter of every variant and model
+    option gets a kind, the per-layer pool is still the four block matmuls, and diff's lambdas are "lambda"."""
+    model = tiny(attention, **extra)
+    rows, by_layer = weight_stats(model)
+    C = model.config.n_embd
+    assert {r["name"] for r in rows} == {n for n, _ in model.named_parameters()}
+    assert [b["numel"] for b in by_layer] == [12 * C * C] * model.config.n_layer
+    lambdas = sorted(r["name"].rsplit(".", 1)[1] for r in rows if r["kind"] == "lambda" and r["layer"] == 0)
+    assert lambdas == (["lk1", "lk2", "lq1", "lq2"] if attention == "diff" else [])
 
 
 # ----------------------------------------------------------------------------- activations

@@ -23,10 +23,10 @@ Tensor = torch.Tensor
 
 
 def weight_kind(name: str) -> str:
-    """embedding | head | layernorm | bias | sink | kvbias | gate | linear, from a GPT parameter name ("head":
-    lm_head's weight, listed only when it is not tied to wte). "linear" is
-    exactly a block's matmul weights (model.BLOCK_MATMULS), the tensors weights_by_layer pools, so the pool
-    holds the same tensors in every variant."""
+    """embedding | head | layernorm | bias | sink | kvbias | gate | lambda | linear, from a GPT parameter name
+    ("head": lm_head's weight, listed only when it is not tied to wte). "linear" is exactly a block's matmul
+    weights (model.BLOCK_MATMULS), the tensors weights_by_layer pools, so the pool holds the same tensors in
+    every variant."""
     if ".wte." in f".{name}" or ".wpe." in f".{name}" or name in ("emb_proj.weight", "head_proj.weight"):
         return "embedding"  # (the recipes' embedding projections count with the embeddings)
     if name == "lm_head.weight":
@@ -39,6 +39,8 @@ def weight_kind(name: str) -> str:
         return "kvbias"
     if ".attn.gate." in name and not name.endswith(".bias"):
         return "gate"
+    if ".core.diff.l" in name:
+        return "lambda"  # diff's lambda re-parameterisation vectors lq1, lk1, lq2, lk2 (Ye et al., eq. 2)
     if name.endswith(".bias"):
         return "bias"
     if is_block_matmul(name):
