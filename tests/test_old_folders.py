@@ -42,12 +42,22 @@ def test_old_checkpoints_load_with_their_config(old_study):
         assert torch.isfinite(logits).all()
 
 
-def test_an_old_run_resumes_bit_for_bit(old_study):
+def test_an_old_run_resumes_like_a_fresh_run(old_study):
     """Resuming the old sink run from iteration 4 to 6 gives the weights a fresh 6-iteration run of the same
-    config gives today (the schedule does not depend on max_iters here: lr_decay_iters is 250)."""
+    config gives today (the schedule does not depend on max_iters here: lr_decay_iters is 250): bit for bit
+    where this CPU reproduces the fixture's first 4 iterations bit for bit, else within 1e-6. The fixture was
+    trained on another CPU, whose float rounding differs from an AMD EPYC's by ~4e-9 after 4 iterations (and
+    the same ~4e-9 after the resumed 2); a resume that lost the optimizer's moments, the RNG or the data
+    position differs by 1e-4 to 1e-1 (another seed: 0.1)."""
     run = old_study / "runs" / "sink-s0"
     doc = read_config(run)
     overrides = {f"{s}.{k}": v for s in ("model", "data", "train") for k, v in doc[s].items()}
+    old4, _ = load_model(run)
+    train(load_config("default", {**overrides, "train.max_iters": 4, "train.out_dir": str(old_study.parent / "f4")}),
+          progress=False)
+    fresh4, _ = load_model(old_study.parent / "f4")
+    same_machine = all(torch.equal(p, q) for p, q in zip(old4.state_dict().values(), fresh4.state_dict().values(),
+                                                           strict=True))
     resumed = load_config("default", {**overrides, "train.max_iters": 6, "train.out_dir": str(run)})
     train(resumed, resume=True, progress=False)
     fresh_dir = old_study.parent / "fresh"
@@ -57,7 +67,10 @@ def test_an_old_run_resumes_bit_for_bit(old_study):
     b, _ = load_model(fresh_dir)
     assert read_config(run)["iter"] == 6
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert torch.equal(p, q), name
+        if same_machine:
+            assert torch.equal(p, q), name
+        else:
+            assert torch.allclose(p, q, rtol=0, atol=1e-6), (name, float((p - q).abs().max()))
 
 
 def test_an_old_study_resumes_without_training_and_rebuilds(old_study, capsys):

@@ -337,3 +337,19 @@ def test_first_screen_shows_the_answer_and_the_forest_plot(tmp_path, variants):
     subprocess.run([*args, f"--screenshot={shot}", (tmp_path / "report.html").as_uri()], capture_output=True,
                    timeout=120)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not math.isnan(geom["vh"])
+
+
+def test_diff_mass_is_subtracted_not_abstention():
+    """recipes-cpu's report said "diff let heads abstain: 32% of attention on nothing". diff's rows sum to
+    1 - lambda, but its per-head RMSNorm then restores the output's scale, so that mass is subtracted, not
+    left on nothing: the fix line says so and the short answer does not count diff among the abstainers."""
+    r = _results(variants=("softmax", "softmax1", "diff"))
+    r["summary"]["unassigned_mass_mean"]["diff"] = {"mean": 0.32, "ci95_low": 0.28, "ci95_high": 0.36}
+    line = A.fix_line(r, "diff")
+    assert line.startswith("diff (exploratory): rows sum to 1 - lambda: 32% [28, 36] of attention subtracted, "
+                           "then renormalised per head (not abstention)")
+    assert "heads abstain" not in line
+    short = A.short_answer(r, True)
+    assert short.startswith("Short answer (exploratory): softmax1 let heads abstain;")
+    r["summary"]["unassigned_mass_mean"].pop("softmax1")
+    assert "no fix leaves attention on nothing" in A.short_answer(r, True)

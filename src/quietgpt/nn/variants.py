@@ -91,6 +91,9 @@ class Variant:
     config_fields  the GPTConfig fields that belong to it (model.softmax_n, model.gate_mode, ...); the one
                 table of ownership: VARIANT_FIELDS and OPTION_OWNERS below are read off these entries
     unassigned  its rows need not sum to 1, so measurement reports 1 - row sum (NULL_VARIANTS)
+    renormalised  its head output is renormalised after the weights (diff's per-head RMSNorm), so 1 - row
+                sum is mass subtracted before a rescale, not a head abstaining (RENORMALISED; the report
+                says so instead of "heads abstain")
     fast_dropout  its fast path supports attention dropout (else dropout runs the reference path)
     """
 
@@ -103,6 +106,7 @@ class Variant:
     options: tuple[str, ...] = ()
     config_fields: tuple[str, ...] = ()
     unassigned: bool = False
+    renormalised: bool = False
     fast_dropout: bool = True
 
 
@@ -202,10 +206,11 @@ VARIANT_SPECS: dict[str, Variant] = {
                        fast_dropout=False),
     "kvbias": Variant(_null_weights, KV_BIAS, unassigned=True),  # its null logit q.k' is computed per query
     # two maps and a learned lambda: attention.py runs it through nn/diff.py (its weights need lambda)
-    "diff": Variant(_diff_weights, DIFF, unassigned=True, fast_dropout=False),
+    "diff": Variant(_diff_weights, DIFF, unassigned=True, renormalised=True, fast_dropout=False),
 }
 VARIANTS = tuple(VARIANT_SPECS)
 NULL_VARIANTS = tuple(v for v, s in VARIANT_SPECS.items() if s.unassigned)  # report 1 - row sum
+RENORMALISED = tuple(v for v, s in VARIANT_SPECS.items() if s.renormalised)  # that mass is not abstention
 LSE_VARIANTS = tuple(v for v, s in VARIANT_SPECS.items()
                      if s.fast is not None and s.fast.choose in (null_path, kv_bias_path))
 OPTION_OWNERS = {f: v for v, s in VARIANT_SPECS.items() for f in s.options}  # AttentionOptions field -> variant
