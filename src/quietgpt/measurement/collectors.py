@@ -39,7 +39,7 @@ def weight_kind(name: str) -> str:
         return "kvbias"
     if ".attn.gate." in name and not name.endswith(".bias"):
         return "gate"
-    if ".core.diff.l" in name:
+    if name.endswith((".core.diff.lq1", ".core.diff.lk1", ".core.diff.lq2", ".core.diff.lk2")):
         return "lambda"  # diff's lambda re-parameterisation vectors lq1, lk1, lq2, lk2 (Ye et al., eq. 2)
     if name.endswith(".bias"):
         return "bias"

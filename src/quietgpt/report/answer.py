@@ -12,13 +12,13 @@ hard to quantize? The answer has three parts, each read off results.json:
 
 from __future__ import annotations
 
-from quietgpt.nn.variants import RENORMALISED
 from quietgpt.report.cells import (
     MASS_METRIC,
     ZERO_TOL,
     is_penalty,
     label,
     significant,
+    subtracts_mass,
     symbol_key,
     zero_by_construction,
 )
@@ -104,7 +104,7 @@ def abstention(results: dict, v: str) -> str:
     if lo is not None and hi is not None:  # a mass above 1 is impossible: then the interval says nothing
         ci = (" (95% CI uninformative)" if hi > 1 else " (95% CI includes 0)" if lo <= 0 <= hi
               else f" [{fmt(lo * 100)}, {fmt(hi * 100)}]")
-    if v.partition("+")[0] in RENORMALISED:  # diff: rows sum to 1 - lambda, then RMSNorm restores the scale
+    if subtracts_mass(v):
         return (f"rows sum to 1 - lambda: {fmt(m * 100)}%{ci} of attention subtracted, then renormalised per "
                 "head (not abstention)")
     verb = "heads abstain" if m > 0 else "heads over-assign"
@@ -166,7 +166,7 @@ def short_answer(results: dict, had_problem: bool | None) -> str:
     comps = [c for c in results.get("comparisons", []) if c.get("a") in fixes
              and c.get("family", "exploratory") == "exploratory"]
     abstain = [v for v in fixes if (_mean(results, MASS_METRIC, v) or 0) > ZERO_TOL
-               and not zero_by_construction(MASS_METRIC, v) and v.partition("+")[0] not in RENORMALISED]
+               and not zero_by_construction(MASS_METRIC, v) and not subtracts_mass(v)]
     out = [f"{', '.join(abstain)} let heads abstain" if abstain else "no fix leaves attention on nothing"]
     if had_problem is False:
         out.append(f"but {b} shows no outliers at this scale, so there is nothing to remove")

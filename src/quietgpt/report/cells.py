@@ -20,7 +20,7 @@ and the answer:
 from __future__ import annotations
 
 from quietgpt.measurement.registry import zero_by_construction
-from quietgpt.nn.variants import NULL_VARIANTS, VARIANTS
+from quietgpt.nn.variants import NULL_VARIANTS, RENORMALISED, VARIANTS
 from quietgpt.stats import crosses_floor, fmt, fmt_interval, fmt_signed
 
 MASS_METRIC = "unassigned_mass_mean"
@@ -30,6 +30,13 @@ ZERO_TOL = 1e-6  # float32 row sums of <= a few thousand probabilities are exact
 CONSTRUCTION_TOL = 1e-4  # above this a "cannot leave mass" variant's value is shown as measured (a bug)
 PENALTY_PREFIX = "ppl_ratio_"  # registry keys of quantization penalties (ppl_q / ppl_fp)
 ALPHA = 0.05  # family-wise error rate of Holm's correction
+
+
+def subtracts_mass(arm: str) -> bool:
+    """Is the arm's unassigned mass subtracted and then renormalised away (diff: rows sum to 1 - lambda, the
+    per-head RMSNorm restores the scale), so not a head abstaining? An arm "variant+optimizer" counts as its
+    variant."""
+    return arm.partition("+")[0] in RENORMALISED
 
 # The smallest value a metric of each unit can take; used only to spot impossible interval ends.
 # Not "probability": clipped softmax with zeta > 1 can over-assign a row, making its unassigned mass < 0.
